@@ -1,0 +1,141 @@
+"""MemoirConfig: every knob of the method, validated, with YAML/JSON round-trip and presets."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from dataclasses import dataclass, field
+
+import yaml
+
+from memoir.tophash import AGGREGATIONS
+
+# The paper's LLaMA-3-8B setting: k = 4096 of D = 14336 features, layer 27 of 32.
+PAPER_K_RATIO = 4096 / 14336
+PAPER_LAYER_FRACTION = 27 / 32
+
+PRESET_DIR = pathlib.Path(__file__).resolve().parent / "presets"
+
+FEATURE_SCALINGS = ("none", "std")
+DECAY_SCOPES = ("all", "active", "none")
+
+
+@dataclass
+class MemoirConfig:
+    """Hyper-parameters of one MEMOIR memory.
+
+    Defaults follow the reference code (hparams/MEMOIR/llama3-8b.yaml); ``None`` means
+    "derive from the model": ``layer`` from depth, ``top_k`` from the paper's k/D ratio.
+    Departures from the reference are separate options whose defaults keep the reference.
+    """
+
+    layer: int | None = None
+    top_k: int | None = None
+    threshold: float = 0.4
+    aggregation: str = "mean_decentered"
+    n_iter: int = 30
+    lr: float = 1.0
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+    early_stop: bool = True
+    early_stop_loss: float = 0.02
+    early_stop_delta: float = 1e-4
+    num_context_templates: int = 10
+    seed: int = 0
+    full_forward: bool = False
+    # --- departures from the reference (documented in README "Method options") ---
+    feature_scaling: str = "none"  # "std": divide the de-centred feature by the background std
+    decay_scope: str = "all"  # "all" = SGD weight decay on the whole memory (reference)
+    extra: dict = field(default_factory=dict)  # free-form notes carried with a preset
+
+    def __post_init__(self):
+        def bad(name, value, why):
+            raise ValueError(f"MemoirConfig.{name}={value!r}: {why}")
+
+        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
+            bad("layer", self.layer, "must be a non-negative layer index or None")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            bad("top_k", self.top_k, "must be a positive integer or None")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            bad("threshold", self.threshold, "tau must lie in [0, 1]")
+        if self.aggregation not in AGGREGATIONS:
+            bad("aggregation", self.aggregation, f"must be one of {AGGREGATIONS}")
+        if not isinstance(self.n_iter, int) or self.n_iter < 0:
+            bad("n_iter", self.n_iter, "must be a non-negative integer")
+        for name in ("lr", "weight_decay", "grad_clip", "early_stop_loss", "early_stop_delta"):
+            if float(getattr(self, name)) < 0:
+                bad(name, getattr(self, name), "must be >= 0")
+        if self.lr == 0:
+            bad("lr", self.lr, "must be > 0")
+        if not isinstance(self.num_context_templates, int) or not 0 <= self.num_context_templates <= 10:
+            bad("num_context_templates", self.num_context_templates, "must be an integer in [0, 10]")
+        if self.feature_scaling not in FEATURE_SCALINGS:
+            bad("feature_scaling", self.feature_scaling, f"must be one of {FEATURE_SCALINGS}")
+        if self.decay_scope not in DECAY_SCOPES:
+            bad("decay_scope", self.decay_scope, f"must be one of {DECAY_SCOPES}")
+        self.threshold = float(self.threshold)
+
+    # ------------------------------------------------------------------ derived values
+    def resolve(self, num_layers: int, input_dim: int) -> "MemoirConfig":
+        """A copy with ``layer`` and ``top_k`` filled in for a model; checks they fit."""
+        layer = self.layer if self.layer is not None else default_layer(num_layers)
+        top_k = self.top_k if self.top_k is not None else default_top_k(input_dim)
+        if layer >= num_layers:
+            raise ValueError(f"MemoirConfig.layer={layer}: the model has only {num_layers} layers")
+        if top_k > input_dim:
+            raise ValueError(f"MemoirConfig.top_k={top_k}: k > D, the layer input has only {input_dim} features")
+        return dataclasses.replace(self, layer=layer, top_k=top_k)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MemoirConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MemoirConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+    def save(self, path) -> None:
+        path = pathlib.Path(path)
+        text = self.to_json() if path.suffix == ".json" else self.to_yaml()
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path) -> "MemoirConfig":
+        path = pathlib.Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file not found: {path}")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of MemoirConfig fields")
+        return cls.from_dict(data)
+
+    @classmethod
+    def preset(cls, name: str) -> "MemoirConfig":
+        """A shipped preset, e.g. ``"smollm2"`` (tuned) or ``"reference"`` (the paper's defaults)."""
+        if name == "reference":
+            return cls()
+        path = PRESET_DIR / f"{name}.yaml"
+        if not path.exists():
+            available = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) + ["reference"]
+            raise ValueError(f"no preset {name!r}; available: {', '.join(available)}")
+        return cls.load(path)
+
+
+def default_layer(num_layers: int) -> int:
+    """The paper's depth fraction (layer 27 of 32) applied to this model's depth."""
+    return min(num_layers - 1, max(0, round(num_layers * PAPER_LAYER_FRACTION)))
+
+
+def default_top_k(input_dim: int) -> int:
+    return max(1, round(input_dim * PAPER_K_RATIO))

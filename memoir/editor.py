@@ -1,0 +1,413 @@
+"""MemoirEditor: attach a MEMOIR memory to a HuggingFace causal LM, edit it, query it."""
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memoir.batching import Batch, build_batch
+from memoir.config import MemoirConfig
+from memoir.layer import MemoirLayer
+from memoir.models import Target, locate_target
+from memoir.tophash import make_permutation
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
+TEMPLATE_LENGTHS = (5, 10)
+
+
+@dataclass
+class EditRequest:
+    prompt: str
+    target: str
+
+    @classmethod
+    def coerce(cls, item) -> "EditRequest":
+        if isinstance(item, EditRequest):
+            return item
+        if isinstance(item, dict):
+            missing = [k for k in ("prompt", "target") if not isinstance(item.get(k), str) or not item.get(k).strip()]
+            if missing:
+                raise ValueError(f"edit request {item!r} lacks a non-empty {' and '.join(missing)}")
+            return cls(item["prompt"], item["target"])
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            return cls(str(item[0]), str(item[1]))
+        raise TypeError(f"cannot read an edit request from {type(item).__name__}: {item!r}")
+
+
+@dataclass
+class EditResult:
+    edit_id: int
+    prompt: str
+    target: str
+    steps: int
+    loss: float
+    seconds: float
+
+
+@dataclass
+class Retrieval:
+    edit_id: int | None
+    score: float
+
+
+def default_background_texts() -> list[str]:
+    text = importlib.resources.files("memoir").joinpath("data/background.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+class _Replay(nn.Module):
+    """Stands in for a frozen decoder layer below the edit: returns a cached output.
+
+    Unknown attributes (e.g. ``attention_type`` read by the model's layer loop) come from
+    the original layer, which is not registered as a child.
+    """
+
+    def __init__(self, original: nn.Module, output):
+        super().__init__()
+        object.__setattr__(self, "_original", original)
+        object.__setattr__(self, "_output", output)
+
+    def forward(self, *args, **kwargs):
+        return self._output
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+
+class MemoirEditor:
+    """Attach a MEMOIR memory (in place) to ``model`` and edit it.
+
+    ``editor.model`` is the edited model: plain ``model(...)`` and ``model.generate(...)`` use the
+    memory, routing every sequence of a batch from its own prompt.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, config: MemoirConfig | None = None, background_texts=None):
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        self.model = model
+        self.tokenizer = tokenizer
+        target = locate_target(model, None if config is None else config.layer)
+        if isinstance(target.module, MemoirLayer):
+            raise ValueError(f"{target.qualified_name} already carries a MEMOIR memory")
+        self.config = (config or MemoirConfig()).resolve(target.num_layers, target.in_features)
+        self.target: Target = target
+        for p in model.parameters():
+            p.requires_grad_(False)
+        mean, std = self._background_stats(background_texts or default_background_texts())
+        self.layer = MemoirLayer(
+            target.module,
+            target.in_features,
+            target.out_features,
+            top_k=self.config.top_k,
+            threshold=self.config.threshold,
+            aggregation=self.config.aggregation,
+            feature_scaling=self.config.feature_scaling,
+            permutation=make_permutation(target.in_features, self.config.seed),
+            background_mean=mean,
+            background_std=std,
+        )
+        parent_path, _, leaf = target.module_path.rpartition(".")
+        parent = target.layers[target.layer_index]
+        if parent_path:
+            parent = parent.get_submodule(parent_path)
+        setattr(parent, leaf, self.layer)
+        self._hook = model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
+        self._span_override: torch.Tensor | None = None
+        self._templates: list[str] | None = None
+        self.edits: dict[int, EditRequest] = {}
+        self._next_id = 0
+        params = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in params
+        self._takes_positions = "position_ids" in params
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def device(self) -> torch.device:
+        return self.layer.memory.device
+
+    def _on_model_forward(self, module, args, kwargs):
+        """Before every model forward: a pass with an empty KV cache is a prompt pass.
+
+        For a prompt pass without explicit ``position_ids``, positions are derived from the
+        attention mask (as ``generate`` does), so a left-padded row sees the same positions as
+        the unpadded prompt; models with absolute position embeddings (GPT-2) need this.
+        """
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = 0 if cache is None else cache.get_seq_length()
+        if past != 0:
+            return None
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            attention_mask = args[1]
+        if attention_mask is not None and attention_mask.dim() != 2:
+            attention_mask = None
+        span = self._span_override
+        if span is None and attention_mask is not None:
+            span = attention_mask.bool()
+        self.layer.begin_prefill(span)
+        if (
+            attention_mask is not None
+            and self._takes_positions
+            and kwargs.get("position_ids") is None
+            and len(args) <= 2
+        ):
+            kwargs = dict(kwargs, position_ids=(attention_mask.long().cumsum(-1) - 1).clamp_min(0))
+            return args, kwargs
+        return None
+
+    @contextlib.contextmanager
+    def prompt_span(self, span: torch.Tensor):
+        """Route from these positions ([B, S] bool) instead of the attention mask, e.g. the prompt
+        part of a teacher-forced ``prompt + target`` batch."""
+        previous = self._span_override
+        self._span_override = span.bool()
+        try:
+            yield
+        finally:
+            self._span_override = previous
+
+    @contextlib.contextmanager
+    def _capture_input(self):
+        seen = []
+        self.layer.capture = seen.append
+        try:
+            yield seen
+        finally:
+            self.layer.capture = None
+
+    @torch.no_grad()
+    def _background_stats(self, texts: list[str], batch_size: int = 16):
+        """Mean and std over texts of each text's mean edited-layer input (frozen base model)."""
+        if not texts:
+            raise ValueError("background_texts is empty")
+        feats = []
+        seen = []
+        handle = self.target.module.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+        try:
+            for i in range(0, len(texts), batch_size):
+                enc = self.tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True)
+                enc = {k: v.to(self.model.device) for k, v in enc.items()}
+                seen.clear()
+                self.model(**enc, use_cache=False)
+                w = enc["attention_mask"].float()
+                acts = seen[0].float().reshape(*w.shape, -1)
+                feats.append(torch.einsum("bs,bsd->bd", w, acts) / w.sum(1, keepdim=True))
+        finally:
+            handle.remove()
+        feats = torch.cat(feats)
+        std = feats.std(dim=0) if len(feats) > 1 else torch.ones_like(feats[0])
+        return feats.mean(dim=0), std.clamp_min(1e-6)
+
+    # ------------------------------------------------------------------ context templates
+    @torch.no_grad()
+    def context_templates(self) -> list[str]:
+        """``"{}"`` plus prefixes generated once by the base model (memory off), as the reference."""
+        if self._templates is None:
+            templates = ["{}"]
+            n = self.config.num_context_templates
+            if n > 0:
+                with self.disabled():
+                    for length in TEMPLATE_LENGTHS:
+                        texts = self.generate(list(TEMPLATE_SEEDS), max_new_tokens=length)
+                        for seed, cont in zip(TEMPLATE_SEEDS, texts):
+                            prefix = (seed + cont).replace("{", " ").replace("}", " ").strip()
+                            templates.append(prefix + " {}")
+                templates = templates[: n + 1]
+            self._templates = templates
+        return self._templates
+
+    # ------------------------------------------------------------------ enable / disable
+    def disable(self) -> None:
+        """Switch the memory off: the model behaves exactly as the unedited one."""
+        self.layer.enabled = False
+
+    def enable(self) -> None:
+        self.layer.enabled = True
+
+    @contextlib.contextmanager
+    def disabled(self):
+        was = self.layer.enabled
+        self.layer.enabled = False
+        try:
+            yield
+        finally:
+            self.layer.enabled = was
+
+    # ------------------------------------------------------------------ editing
+    def edit(self, prompt: str, target: str) -> EditResult:
+        """Write one fact: after this, ``prompt`` (and its rephrasings) continue with ``target``."""
+        request = EditRequest.coerce({"prompt": prompt, "target": target})
+        start = time.perf_counter()
+        cfg = self.config
+        rows = [tpl.format(request.prompt) for tpl in self.context_templates()]
+        batch = build_batch(self.tokenizer, rows, request.target, device=self.device)
+        layers_below = self.target.layer_index
+
+        # One frozen pass: the edit's mask (from row 0's prompt) and the input of the edit layer.
+        replay_output = []
+        hook = None
+        if not cfg.full_forward and layers_below > 0:
+            hook = self.target.layers[layers_below - 1].register_forward_hook(
+                lambda m, i, o: replay_output.append(o)
+            )
+        try:
+            with torch.no_grad(), self.disabled(), self._capture_input() as seen:
+                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                           **self._keep_kwargs(1))
+        finally:
+            if hook is not None:
+                hook.remove()
+        acts = seen[0].reshape(*batch.input_ids.shape, -1)
+        cols, dense, packed = self.layer.query_masks(acts[:1], batch.prompt_mask[:1])
+        edit_id = self._store_mask(packed[0], request)
+
+        steps, loss = self._optimise(batch, dense[0], replay_output[0] if replay_output else None)
+        return EditResult(edit_id, request.prompt, request.target, steps, loss, time.perf_counter() - start)
+
+    def _store_mask(self, packed: torch.Tensor, request: EditRequest) -> int:
+        edit_id = self._next_id
+        self._next_id += 1
+        row = self.layer.bank.index_of(packed)
+        if row is None:
+            self.layer.bank.add(packed, edit_id)
+        else:
+            # The same mask again (e.g. the same prompt re-edited): the new edit owns the row.
+            old = self.layer.bank.edit_ids[row]
+            self.layer.bank.edit_ids[row] = edit_id
+            self.edits.pop(old, None)
+        self.edits[edit_id] = request
+        return edit_id
+
+    def _keep_kwargs(self, n: int) -> dict:
+        return {"logits_to_keep": n} if self._keeps_logits else {}
+
+    @contextlib.contextmanager
+    def _replaying_below(self, output):
+        """Replace the frozen layers below the edit by stand-ins returning their cached output."""
+        if output is None:
+            yield
+            return
+        layers = self.target.layers
+        originals = [layers[i] for i in range(self.target.layer_index)]
+        try:
+            for i, layer in enumerate(originals):
+                layers[i] = _Replay(layer, output)
+            yield
+        finally:
+            for i, layer in enumerate(originals):
+                layers[i] = layer
+
+    def _optimise(self, batch: Batch, mask: torch.Tensor, replay_output):
+        cfg = self.config
+        memory = self.layer.memory
+        decay = cfg.weight_decay if cfg.decay_scope == "all" else 0.0
+        opt = torch.optim.SGD([memory], lr=cfg.lr, weight_decay=decay)
+        n_target = int(batch.target_mask[0].sum())
+        # Every row ends with the same target tokens (left padding), so only the last
+        # n_target + 1 positions' logits are needed; the full_forward path computes all of them
+        # like the reference loop does.
+        labels = batch.input_ids[:, -n_target:]
+        keep = {} if cfg.full_forward else self._keep_kwargs(n_target + 1)
+        steps, prev, loss_value = 0, None, float("nan")
+        memory.requires_grad_(True)
+        self.layer.force_mask(mask)
+        try:
+            with self._replaying_below(replay_output), torch.enable_grad():
+                for _ in range(cfg.n_iter):
+                    logits = self.model(
+                        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **keep
+                    ).logits
+                    logits = logits[:, -(n_target + 1) : -1]
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+                    loss_value = loss.detach().item()
+                    if (
+                        cfg.early_stop
+                        and prev is not None
+                        and abs(loss_value - prev) <= cfg.early_stop_delta
+                        and loss_value <= cfg.early_stop_loss
+                    ):
+                        break
+                    prev = loss_value
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.decay_scope == "active" and cfg.weight_decay > 0:
+                        memory.grad.add_(memory.detach() * mask.to(memory.dtype), alpha=cfg.weight_decay)
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_([memory], cfg.grad_clip)
+                    opt.step()
+                    steps += 1
+        finally:
+            self.layer.force_mask(None)
+            memory.requires_grad_(False)
+            memory.grad = None
+        return steps, loss_value
+
+    def edit_many(self, requests, progress: bool = True) -> list[EditResult]:
+        """Apply a stream of edits one after another (``EditRequest``, dicts or pairs)."""
+        from tqdm.auto import tqdm
+
+        requests = [EditRequest.coerce(r) for r in requests]
+        results = []
+        bar = tqdm(requests, desc="editing", unit="edit", disable=not progress)
+        for r in bar:
+            results.append(self.edit(r.prompt, r.target))
+            bar.set_postfix(loss=f"{results[-1].loss:.3f}", steps=results[-1].steps)
+        return results
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def retrieve(self, prompts) -> list[Retrieval]:
+        """For each prompt: the edit the memory would apply (or None) and the overlap score."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        batch = build_batch(self.tokenizer, prompts, device=self.device)
+        self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                   **self._keep_kwargs(1))
+        scores = self.layer.last_scores.tolist()
+        rows = self.layer.last_rows.tolist()
+        ids = self.layer.bank.edit_ids
+        return [Retrieval(ids[r] if r >= 0 else None, s) for r, s in zip(rows, scores)]
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int = 32, **kwargs) -> list[str]:
+        """Greedy (by default) continuations of each prompt, batched with left padding."""
+        single = isinstance(prompts, str)
+        if single:
+            prompts = [prompts]
+        batch = build_batch(self.tokenizer, prompts, device=self.device)
+        kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        if not kwargs["do_sample"]:
+            # Greedy decoding: silence the sampling defaults some generation configs carry.
+            kwargs.setdefault("temperature", None)
+            kwargs.setdefault("top_p", None)
+            kwargs.setdefault("top_k", None)
+        out = self.model.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens, **kwargs
+        )
+        texts = self.tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
+        return texts[0] if single else texts
+
+    # ------------------------------------------------------------------ teardown
+    def detach(self) -> nn.Module:
+        """Remove the memory and restore the original projection; returns the plain model."""
+        self._hook.remove()
+        parent_path, _, leaf = self.target.module_path.rpartition(".")
+        parent = self.target.layers[self.target.layer_index]
+        if parent_path:
+            parent = parent.get_submodule(parent_path)
+        setattr(parent, leaf, self.layer.base)
+        return self.model

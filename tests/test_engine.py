@@ -1,0 +1,209 @@
+"""The editing engine on tiny random models of every supported family."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from memoir import MemoirConfig, MemoirEditor, MemoirLayer, locate_target
+from memoir.batching import build_batch
+from tiny import FAMILIES, tiny_model
+
+BACKGROUND = ["the city of paris is in france", "who wrote the book ?", "the river nile is long",
+              "what is the capital of japan ?", "i live in london", "yes the answer is no"]
+PROMPT = "the eiffel tower is located in the city of"
+TARGET = "rome"
+
+
+def make_editor(family="llama", **overrides):
+    model, tok = tiny_model(family)
+    cfg = MemoirConfig(**{"n_iter": 25, "num_context_templates": 2, "threshold": 0.6, **overrides})
+    return MemoirEditor(model, tok, cfg, background_texts=BACKGROUND)
+
+
+def target_argmax(editor, prompt, target):
+    batch = build_batch(editor.tokenizer, [prompt], target)
+    with torch.no_grad(), editor.prompt_span(batch.prompt_mask):
+        logits = editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    pred = logits[0, :-1].argmax(-1)
+    labels = batch.labels[0, 1:]
+    sel = labels != -100
+    return pred[sel], labels[sel]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edit_changes_edited_prompt_and_spares_unrelated(family):
+    editor = make_editor(family, threshold=1.0, n_iter=60)
+    unrelated = "who wrote the book ?"
+    base = build_batch(editor.tokenizer, [unrelated])
+    with torch.no_grad():
+        before = editor.model(input_ids=base.input_ids, attention_mask=base.attention_mask).logits
+    pred, labels = target_argmax(editor, PROMPT, TARGET)
+    assert not torch.equal(pred, labels), "random model already predicts the target: test is vacuous"
+
+    result = editor.edit(PROMPT, TARGET)
+    assert result.steps > 0 and result.edit_id == 0
+    pred, labels = target_argmax(editor, PROMPT, TARGET)
+    assert torch.equal(pred, labels)
+    with torch.no_grad():
+        after = editor.model(input_ids=base.input_ids, attention_mask=base.attention_mask).logits
+    assert torch.equal(before, after)
+    assert editor.retrieve([PROMPT, unrelated])[1].edit_id is None
+
+
+def test_disable_enable_restores_base_behaviour():
+    editor = make_editor()
+    batch = build_batch(editor.tokenizer, [PROMPT], TARGET)
+    with torch.no_grad():
+        base_logits = editor.model(input_ids=batch.input_ids).logits
+    editor.edit(PROMPT, TARGET)
+    editor.disable()
+    with torch.no_grad():
+        off = editor.model(input_ids=batch.input_ids).logits
+    editor.enable()
+    with torch.no_grad():
+        on = editor.model(input_ids=batch.input_ids).logits
+    assert torch.equal(base_logits, off)
+    assert not torch.allclose(base_logits, on)
+
+
+def test_batched_left_padded_generate_equals_one_by_one():
+    editor = make_editor(threshold=0.9)
+    editor.edit(PROMPT, TARGET)
+    editor.edit("the capital of japan is", "berlin")
+    prompts = [PROMPT, "who", "the capital of japan is", "the river nile is the longest river in"]
+    routed = [r.edit_id for r in editor.retrieve(prompts)]
+    assert routed[0] == 0 and routed[2] == 1  # a mix of routed and unrouted rows
+    batched = editor.generate(prompts, max_new_tokens=6)
+    single = [editor.generate(p, max_new_tokens=6) for p in prompts]
+    assert batched == single
+    # Plain HF generate routes from the prefill too.
+    enc = editor.tokenizer(prompts, return_tensors="pt", padding=True)
+    out = editor.model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    plain = editor.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert plain == batched
+
+
+def test_generate_after_edit_starts_with_target():
+    editor = make_editor()
+    editor.edit(PROMPT, TARGET)
+    assert editor.generate(PROMPT, max_new_tokens=3).strip().startswith(TARGET)
+
+
+def test_cached_activation_editing_equals_full_forward():
+    model, tok = tiny_model("llama")
+    cfg = MemoirConfig(n_iter=12, num_context_templates=3, threshold=0.6, layer=2)
+    fast = MemoirEditor(copy.deepcopy(model), tok, cfg, background_texts=BACKGROUND)
+    slow_cfg = MemoirConfig(**{**cfg.to_dict(), "full_forward": True})
+    slow = MemoirEditor(copy.deepcopy(model), tok, slow_cfg, background_texts=BACKGROUND)
+    for prompt, target in ((PROMPT, TARGET), ("the capital of japan is", "berlin")):
+        a, b = fast.edit(prompt, target), slow.edit(prompt, target)
+        assert a.steps == b.steps
+        assert a.loss == pytest.approx(b.loss, rel=1e-4, abs=1e-6)
+    torch.testing.assert_close(fast.layer.memory, slow.layer.memory, rtol=1e-4, atol=1e-6)
+    assert torch.equal(fast.layer.bank.words, slow.layer.bank.words)
+    # The frozen layers are restored after editing.
+    assert all(type(l).__name__ != "_Replay" for l in fast.target.layers)
+
+
+def test_only_mask_columns_are_written():
+    editor = make_editor(decay_scope="none")
+    editor.edit(PROMPT, TARGET)
+    touched = editor.layer.memory.abs().sum(0) > 0
+    owned = editor.layer.column_usage() > 0
+    assert touched.any()
+    assert not (touched & ~owned).any()
+    assert int(owned.sum()) == editor.config.top_k
+
+
+def test_weight_decay_scopes():
+    full = make_editor(decay_scope="all", weight_decay=0.1)
+    full.edit(PROMPT, TARGET)
+    first = full.layer.memory.clone()
+    full.edit("the capital of japan is", "berlin")
+    only_second = full.layer.column_usage()
+    # Columns owned only by the first edit shrank under whole-matrix decay.
+    cols = (first.abs().sum(0) > 0) & (only_second == 1)
+    if cols.any():
+        assert full.layer.memory[:, cols].abs().sum() <= first[:, cols].abs().sum()
+
+
+def test_routing_is_per_row_and_reused_during_decode():
+    editor = make_editor(threshold=0.9)
+    editor.edit(PROMPT, TARGET)
+    layer = editor.layer
+    enc = build_batch(editor.tokenizer, [PROMPT, "who wrote the book ?"])
+    with torch.no_grad():
+        editor.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+    rows = layer.last_rows.tolist()
+    assert rows[0] == 0 and rows[1] == -1
+    assert layer._row_masks[0].sum() == editor.config.top_k and layer._row_masks[1].sum() == 0
+
+
+def test_empty_bank_is_identity():
+    editor = make_editor()
+    batch = build_batch(editor.tokenizer, [PROMPT])
+    with torch.no_grad():
+        on = editor.model(input_ids=batch.input_ids).logits
+        editor.disable()
+        off = editor.model(input_ids=batch.input_ids).logits
+    assert torch.equal(on, off)
+    assert editor.retrieve(PROMPT)[0].edit_id is None
+
+
+def test_same_prompt_reedited_reuses_its_mask():
+    editor = make_editor()
+    editor.edit(PROMPT, TARGET)
+    second = editor.edit(PROMPT, "paris")
+    assert len(editor.layer.bank) == 1
+    assert editor.layer.bank.edit_ids == [second.edit_id]
+    assert list(editor.edits) == [second.edit_id]
+
+
+def test_edit_many_accepts_dicts_and_pairs_and_rejects_bad_requests():
+    editor = make_editor(n_iter=2)
+    out = editor.edit_many([{"prompt": PROMPT, "target": TARGET}, ("the capital of japan is", "berlin")],
+                           progress=False)
+    assert [r.edit_id for r in out] == [0, 1]
+    with pytest.raises(ValueError, match="target"):
+        editor.edit_many([{"prompt": PROMPT}], progress=False)
+    with pytest.raises(TypeError):
+        editor.edit_many([42], progress=False)
+
+
+def test_attaching_twice_is_an_error():
+    editor = make_editor()
+    with pytest.raises(ValueError, match="already"):
+        MemoirEditor(editor.model, editor.tokenizer, editor.config, background_texts=BACKGROUND)
+
+
+def test_detach_restores_plain_model():
+    editor = make_editor()
+    editor.edit(PROMPT, TARGET)
+    model = editor.detach()
+    assert not any(isinstance(m, MemoirLayer) for m in model.modules())
+
+
+def test_locate_target_errors_name_what_was_found():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"model_type": "odd", "num_hidden_layers": 2})()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+    with pytest.raises(ValueError, match="proj"):
+        locate_target(Odd())
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="out of range"):
+        locate_target(model, layer=9)
+
+
+def test_gpt2_conv1d_target_is_transposed():
+    model, _ = tiny_model("gpt2")
+    t = locate_target(model)
+    assert t.transposed and (t.in_features, t.out_features) == (256, 64)
