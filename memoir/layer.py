@@ -15,6 +15,14 @@ from memoir.bank import MaskBank
 from memoir.tophash import masks_from_features, prompt_features
 
 
+def _kernels_available() -> bool:
+    try:
+        from memoir import kernels
+    except Exception:  # pragma: no cover - kernels are optional
+        return False
+    return kernels.available()
+
+
 class MemoirLayer(nn.Module):
     def __init__(
         self,
@@ -52,6 +60,8 @@ class MemoirLayer(nn.Module):
         self.last_scores: torch.Tensor | None = None
         self.last_rows: torch.Tensor | None = None
         self.capture = None  # optional callable(a): lets the editor read the layer input
+        self._row_cols: torch.Tensor | None = None  # [B, k] memory columns per row (kernel path)
+        self.transposed = type(base).__name__ == "Conv1D"  # GPT-2 stores the weight as [in, out]
 
     def extra_repr(self) -> str:
         return (
@@ -69,6 +79,16 @@ class MemoirLayer(nn.Module):
     def query_masks(self, acts: torch.Tensor, span: torch.Tensor):
         """``(columns [B, k], dense [B, D], packed [B, W])`` for each row's prompt span."""
         return masks_from_features(self.features(acts, span), self.top_k, self.permutation)
+
+    # ------------------------------------------------------------------ kernel dispatch
+    def _use_kernels(self, a: torch.Tensor) -> bool:
+        """Triton kernels serve CUDA tensors under MEMOIR_KERNELS=auto.  On CPU the dense
+        masked matmul stays: it measured fastest for decode (benchmarks/results/residual_cpu.json)."""
+        return a.is_cuda and a.dim() == 3 and ops.kernel_mode() == "auto" and _kernels_available()
+
+    def _base_weight(self):
+        w = self.base.weight
+        return (w.t() if self.transposed else w), getattr(self.base, "bias", None)
 
     # ------------------------------------------------------------------ routing control
     def begin_prefill(self, span: torch.Tensor | None) -> None:
@@ -96,29 +116,45 @@ class MemoirLayer(nn.Module):
             self.last_rows = torch.full((b,), -1, dtype=torch.int64, device=acts.device)
             self._row_masks = None
             return
-        _, _, packed = self.query_masks(acts, span.to(acts.device))
+        if self._use_kernels(acts):
+            from memoir.kernels import tophash_select
+
+            _, packed = tophash_select(self.features(acts, span.to(acts.device)), self.top_k, self.permutation)
+        else:
+            _, _, packed = self.query_masks(acts, span.to(acts.device))
         scores, rows = self.bank.best_match(packed, self.threshold)
         self.last_scores, self.last_rows = scores, rows
         self._row_masks = self.bank.rows_to_dense(rows).to(acts.dtype)
+        # Each routed row's stored columns (exactly k ones; unrouted rows are inactive).
+        self._row_cols = self._row_masks.topk(self.top_k, dim=1).indices.sort(dim=1).values
 
     # ------------------------------------------------------------------ forward
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        out = self.base(a)
         if self.capture is not None:
             self.capture(a)
-        if not self.enabled:
-            return out
-        if self._forced is not None:
-            masks = self._forced
-        else:
-            if self._prefill_pending:
-                self._route(a, self._pending_span)
-                self._prefill_pending = False
-                self._pending_span = None
-            masks = self._row_masks
-            if masks is None:
-                return out
-        return out + self.memory_term(a, masks)
+        masks = None
+        if self.enabled:
+            if self._forced is not None:
+                masks = self._forced
+            else:
+                if self._prefill_pending:
+                    self._route(a, self._pending_span)
+                    self._prefill_pending = False
+                    self._pending_span = None
+                masks = self._row_masks
+        if masks is None:
+            return self.base(a)
+        if self._use_kernels(a):
+            from memoir.kernels import residual_linear
+
+            if masks.dim() == 1:
+                cols = masks.topk(self.top_k).indices.sort().values.expand(a.shape[0], -1)
+                active = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+            else:
+                cols, active = self._row_cols, self.last_rows >= 0
+            w0, bias = self._base_weight()
+            return residual_linear(a, w0, bias, self.memory, cols, active)
+        return self.base(a) + self.memory_term(a, masks)
 
     def memory_term(self, a: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """``Wm (M ⊙ a)`` for per-sequence masks ``[B, D]`` (or one mask ``[D]`` for all rows)."""

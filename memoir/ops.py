@@ -121,21 +121,32 @@ def best_match_reference(queries: torch.Tensor, bank: torch.Tensor, threshold: f
 _NATIVE_STATE = None
 
 
+def _overlap_counts_fake(queries, bank):
+    _check_pair(queries, bank)
+    return queries.new_empty((queries.shape[0], bank.shape[0]), dtype=torch.int32)
+
+
+def _best_match_fake(queries, bank, threshold):
+    _check_pair(queries, bank)
+    b = queries.shape[0]
+    return queries.new_empty((b,), dtype=torch.float32), queries.new_empty((b,), dtype=torch.int64)
+
+
+def _popcounts_fake(masks):
+    return masks.new_empty((masks.shape[0],), dtype=torch.int32)
+
+
 def _register_fakes() -> None:
-    @torch.library.register_fake("memoir::overlap_counts")
-    def _overlap_counts_fake(queries, bank):
-        _check_pair(queries, bank)
-        return queries.new_empty((queries.shape[0], bank.shape[0]), dtype=torch.int32)
-
-    @torch.library.register_fake("memoir::best_match")
-    def _best_match_fake(queries, bank, threshold):
-        _check_pair(queries, bank)
-        b = queries.shape[0]
-        return queries.new_empty((b,), dtype=torch.float32), queries.new_empty((b,), dtype=torch.int64)
-
-    @torch.library.register_fake("memoir::popcounts")
-    def _popcounts_fake(masks):
-        return masks.new_empty((masks.shape[0],), dtype=torch.int32)
+    for name, fn in (
+        ("memoir::overlap_counts", _overlap_counts_fake),
+        ("memoir::best_match", _best_match_fake),
+        ("memoir::popcounts", _popcounts_fake),
+    ):
+        try:
+            torch.library.register_fake(name, fn)
+        except RuntimeError as exc:  # e.g. this module was reloaded: the first registration stands
+            if "already" not in str(exc):
+                raise
 
 
 def _native():

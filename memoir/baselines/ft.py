@@ -1,0 +1,119 @@
+"""FT-L: fine-tune the edited layer's projection weight directly (EasyEdit FT-L style).
+
+Per edit: Adam on that single weight matrix for ``n_iter`` steps, cross-entropy on the target
+tokens of ``prompt + " " + target`` (one row, no context templates, no memory, no locality
+term).  Edits accumulate in the weight: the stream is applied sequentially to the same matrix.
+Optional ``norm_constraint`` clamps the weight to ``W0 +- eps`` after each step (the "L" of
+FT-L in ROME/EasyEdit; off by default as in EasyEdit's LLaMA FT hparams).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from memoir.batching import build_batch
+from memoir.models import locate_target
+
+
+@dataclass
+class FTConfig:
+    layer: int | None = None
+    n_iter: int = 30
+    lr: float = 5e-4
+    norm_constraint: float | None = None
+    early_stop_loss: float = 1e-2  # EasyEdit FT stops once the loss is below 1e-2
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.n_iter < 0 or self.lr <= 0:
+            raise ValueError(f"FTConfig: n_iter must be >= 0 and lr > 0 (got {self.n_iter}, {self.lr})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown FTConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class FTResult:
+    edit_id: int
+    steps: int
+    loss: float
+    seconds: float
+
+
+class FTEditor:
+    """Sequential FT-L on one FFN output projection (the same one MEMOIR wraps)."""
+
+    name = "ft"
+
+    def __init__(self, model, tokenizer, config: FTConfig | None = None):
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or FTConfig()
+        self.target = locate_target(model, self.config.layer)
+        self.config = dataclasses.replace(self.config, layer=self.target.layer_index)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.weight = self.target.module.weight
+        self.original = self.weight.detach().clone()
+        self.n_edits = 0
+
+    @property
+    def device(self):
+        return self.weight.device
+
+    def prompt_span(self, span):  # no routing: same interface as MemoirEditor
+        return contextlib.nullcontext()
+
+    def edit(self, prompt: str, target: str) -> FTResult:
+        cfg = self.config
+        start = time.perf_counter()
+        batch = build_batch(self.tokenizer, [prompt], [target], device=self.device)
+        n_t = int(batch.target_mask.sum())
+        labels = batch.input_ids[:, -n_t:]
+        w = self.weight
+        w.requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps, loss_value = 0, float("nan")
+        try:
+            with torch.enable_grad():
+                for _ in range(cfg.n_iter):
+                    logits = self.model(
+                        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                    ).logits[:, -(n_t + 1) : -1]
+                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+                    loss_value = float(loss.detach())
+                    if loss_value < cfg.early_stop_loss:
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    if cfg.norm_constraint:
+                        with torch.no_grad():
+                            eps = cfg.norm_constraint
+                            w.copy_(torch.clamp(w, self.original - eps, self.original + eps))
+        finally:
+            w.requires_grad_(False)
+            w.grad = None
+        self.n_edits += 1
+        return FTResult(self.n_edits - 1, steps, loss_value, time.perf_counter() - start)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo every edit."""
+        self.weight.copy_(self.original)
+        self.n_edits = 0

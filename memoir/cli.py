@@ -1,0 +1,189 @@
+"""The ``memoir`` command line: ``demo``, ``edit``, ``info`` (+ ``eval`` / ``plot`` when available)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import textwrap
+import time
+
+# A handful of counterfactual edits the default model knows the true answer to, each with a
+# rephrasing that was never edited; plus unrelated prompts that must keep their answers.
+DEMO_EDITS = [
+    ("The Eiffel Tower is located in the city of", "Rome", "Where is the Eiffel Tower? It stands in the city of"),
+    ("The capital of Japan is", "Nairobi", "Japan's capital city is"),
+    ("Romeo and Juliet was written by", "Charles Dickens", "The author of the play Romeo and Juliet is"),
+    ("The largest planet in our solar system is", "Mercury", "The biggest planet of the solar system is"),
+]
+DEMO_UNRELATED = [
+    "The capital of France is",
+    "Water is made of hydrogen and",
+    "The Great Wall is located in",
+    "Hamlet was written by",
+]
+
+
+def _config_from_args(args):
+    from memoir import MemoirConfig
+
+    if getattr(args, "config", None):
+        return MemoirConfig.load(args.config)
+    return MemoirConfig.preset(args.preset)
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from memoir import MemoirEditor, load_model
+
+    torch.manual_seed(0)
+    cols = shutil.get_terminal_size((110, 20)).columns
+    t0 = time.perf_counter()
+    print(f"Loading {args.model} ...", flush=True)
+    model, tok = load_model(args.model)
+    t_load = time.perf_counter() - t0
+    config = _config_from_args(args)
+    t0 = time.perf_counter()
+    editor = MemoirEditor(model, tok, config)
+    t_attach = time.perf_counter() - t0
+    cfg = editor.config
+    print(f"  loaded in {t_load:.1f}s; memory attached at {editor.target.qualified_name} "
+          f"(k={cfg.top_k} of {editor.target.in_features} columns, tau={cfg.threshold}) in {t_attach:.1f}s")
+
+    edits = DEMO_EDITS[: args.n_edits]
+    rows = [(p, "edited") for p, _, _ in edits] + [(r, "rephrased") for _, _, r in edits]
+    rows += [(p, "unrelated") for p in DEMO_UNRELATED]
+    prompts = [p for p, _ in rows]
+    before = editor.generate(prompts, max_new_tokens=args.max_new_tokens)
+
+    print(f"\nApplying {len(edits)} counterfactual edits (each trains only its own {cfg.top_k} memory columns):")
+    t0 = time.perf_counter()
+    for p, target, _ in edits:
+        r = editor.edit(p, target)
+        print(f"  [{r.edit_id}] {p!r} -> {target!r}: {r.steps} steps, loss {r.loss:.3f}, {r.seconds:.1f}s", flush=True)
+    t_edit = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    after = editor.generate(prompts, max_new_tokens=args.max_new_tokens)
+    routes = editor.retrieve(prompts)
+    t_gen = time.perf_counter() - t0
+
+    w = max(20, (cols - 28) // 3)
+    print(f"\n{'kind':9s} {'prompt':{w}s} {'before':{w}s} {'after':{w}s} memory")
+    for (prompt, kind), b, a, r in zip(rows, before, after, routes):
+        fired = f"edit {r.edit_id} ({r.score:.2f})" if r.edit_id is not None else f"off ({r.score:.2f})"
+        print(f"{kind:9s} {_short(prompt, w):{w}s} {_short(b, w):{w}s} {_short(a, w):{w}s} {fired}")
+    print(textwrap.dedent(f"""
+        Edited and rephrased prompts should now give the new answers; unrelated prompts keep the
+        original model's answers because their masks overlap no stored edit above tau (memory off).
+        Timings: load {t_load:.1f}s, attach {t_attach:.1f}s, {len(edits)} edits {t_edit:.1f}s
+        ({t_edit / max(1, len(edits)):.1f}s/edit), generate+retrieve for {len(prompts)} prompts {t_gen:.1f}s.
+        """).rstrip())
+    return 0
+
+
+def cmd_edit(args) -> int:
+    """Apply edits from a JSON/JSONL file of {"prompt", "target"} and print generations."""
+    from memoir import MemoirEditor, load_model
+
+    path = args.requests
+    with open(path) as f:
+        text = f.read()
+    try:
+        requests = json.loads(text)
+    except json.JSONDecodeError:
+        requests = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(requests, dict):  # a one-line JSONL file
+        requests = [requests]
+    if not isinstance(requests, list):
+        raise SystemExit(f"{path}: expected a list of {{prompt, target}} records")
+    model, tok = load_model(args.model)
+    editor = MemoirEditor(model, tok, _config_from_args(args))
+    results = editor.edit_many(requests, progress=not args.quiet)
+    outs = editor.generate([r.prompt for r in results], max_new_tokens=args.max_new_tokens)
+    for r, out in zip(results, outs):
+        print(json.dumps({"edit_id": r.edit_id, "prompt": r.prompt, "target": r.target, "steps": r.steps,
+                          "loss": round(r.loss, 4), "seconds": round(r.seconds, 2), "generation": out}))
+    if args.save:
+        editor.save(args.save)
+        print(f"saved {len(results)} edits to {args.save}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from memoir import ops
+
+    try:
+        import memoir.kernels as kernels
+
+        triton_ok = kernels.available()
+    except Exception:  # pragma: no cover
+        triton_ok = False
+    print(json.dumps({"torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                      "retrieval_backend": ops.backend(), "kernel_mode": ops.kernel_mode(),
+                      "triton": triton_ok}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memoir", description="MEMOIR lifelong knowledge editing")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp):
+        sp.add_argument("--model", default="smollm2", help="'smollm2', a local HF folder or a .gguf file")
+        sp.add_argument("--preset", default="smollm2", help="shipped preset ('smollm2', 'reference')")
+        sp.add_argument("--config", help="YAML/JSON MemoirConfig file (overrides --preset)")
+        sp.add_argument("--max-new-tokens", type=int, default=10)
+
+    d = sub.add_parser("demo", help="edit a few facts in the default model and show before/after")
+    model_args(d)
+    d.add_argument("--n-edits", type=int, default=len(DEMO_EDITS), choices=range(1, len(DEMO_EDITS) + 1))
+    d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("edit", help="apply edits from a JSON/JSONL file of {prompt, target}")
+    model_args(e)
+    e.add_argument("requests", help="JSON list or JSONL of {\"prompt\": ..., \"target\": ...}")
+    e.add_argument("--save", help="directory to save the edits to (reload with MemoirEditor.load)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_edit)
+
+    i = sub.add_parser("info", help="show which kernels serve retrieval and the memory")
+    i.set_defaults(func=cmd_info)
+
+    try:  # evaluation commands live in memoir.eval
+        from memoir.eval.cli_eval import add_eval_parser, add_plot_parser
+
+        add_eval_parser(sub)
+        add_plot_parser(sub)
+    except ImportError as exc:  # pragma: no cover
+        logging.getLogger(__name__).debug("eval commands unavailable: %s", exc)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        return args.func(args) or 0
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"memoir: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

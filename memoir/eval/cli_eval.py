@@ -1,0 +1,222 @@
+"""``memoir eval`` and ``memoir plot``: argparse registration for the lead's ``memoir.cli``.
+
+    from memoir.eval.cli_eval import add_eval_parser, add_plot_parser
+    add_eval_parser(subparsers); add_plot_parser(subparsers)   # each sets ``func(args) -> int``
+
+Standalone: ``python -m memoir.eval.cli_eval eval ...`` / ``python -m memoir.eval.cli_eval plot ...``.
+
+Config file (``--config cfg.yaml``): MemoirConfig fields at the top level, plus optional
+``ft:`` and ``grace:`` sections (FTConfig / GraceConfig fields).  The baselines use MEMOIR's
+layer and, unless their section says otherwise, MEMOIR's ``n_iter`` (same optimiser budget).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+
+from memoir.eval.datasets import FORMATS
+
+log = logging.getLogger(__name__)
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval",
+        help="sequential editing benchmark (Rel/Gen/Loc, EasyEdit-style) for memoir / ft / grace",
+        description="Apply the first N edits of a dataset one after another, then evaluate all of them.",
+    )
+    p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder or a .gguf file")
+    p.add_argument("--data", required=True, help="dataset JSON file")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="dataset format (default: detect)")
+    p.add_argument("--n", type=int, default=None, help="number of edits (default: the whole file)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many records first")
+    p.add_argument("--method", default="memoir", choices=("memoir", "ft", "grace"))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", default=None, help="YAML/JSON: MemoirConfig fields (+ optional ft:/grace: sections)")
+    g.add_argument("--preset", default=None,
+                   help="a shipped MemoirConfig preset ('smollm2', 'reference'); default: 'smollm2' for "
+                        "--model smollm2, the reference config otherwise")
+    p.add_argument("--layer", type=int, default=None, help="edited layer (overrides the config)")
+    p.add_argument("--n-iter", type=int, default=None, help="optimisation steps per edit, all methods (overrides)")
+    p.add_argument("--threshold", type=float, default=None, help="MEMOIR retrieval threshold tau (overrides)")
+    p.add_argument("--ft-lr", type=float, default=None, help="FT-L Adam learning rate (default 5e-4)")
+    p.add_argument("--grace-eps", type=float, default=None, help="GRACE initial deferral radius (default 1.0)")
+    p.add_argument("--grace-lr", type=float, default=None, help="GRACE value learning rate (default 1.0)")
+    p.add_argument("--eval-every", type=int, default=None, metavar="K",
+                   help="also evaluate the edits made so far every K edits (forgetting curve)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per evaluation forward")
+    p.add_argument("--no-em", action="store_true", help="skip the generation exact-match metrics")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--output", required=True, help="results JSON path")
+    p.set_defaults(func=cmd_eval)
+    return p
+
+
+def add_plot_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plot", help="plot eval results JSONs: metrics vs number of edits, per method")
+    p.add_argument("results", nargs="+", help="results JSON files (from memoir eval)")
+    p.add_argument("--output", required=True, help="image path (png/pdf/svg)")
+    p.add_argument("--metrics", nargs="+", default=None, help="metrics to plot (default: those present)")
+    p.add_argument("--curve", action="store_true", help="plot the eval-every forgetting curves instead")
+    p.set_defaults(func=cmd_plot)
+    return p
+
+
+def _load_configs(args):
+    import yaml
+
+    from memoir.baselines import FTConfig, GraceConfig
+    from memoir.config import PRESET_DIR, MemoirConfig
+
+    ft_data, grace_data = {}, {}
+    if args.config:
+        path = pathlib.Path(args.config)
+        if not path.exists():
+            raise FileNotFoundError(f"config file not found: {path}")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping")
+        ft_data = data.pop("ft", None) or {}
+        grace_data = data.pop("grace", None) or {}
+        mcfg = MemoirConfig.from_dict(data)
+    elif args.preset:
+        mcfg = MemoirConfig.preset(args.preset)
+    elif args.model == "smollm2" and (PRESET_DIR / "smollm2.yaml").exists():
+        mcfg = MemoirConfig.preset("smollm2")
+    else:
+        mcfg = MemoirConfig()
+    overrides = {}
+    if args.layer is not None:
+        overrides["layer"] = args.layer
+    if args.n_iter is not None:
+        overrides["n_iter"] = args.n_iter
+    if args.threshold is not None:
+        overrides["threshold"] = args.threshold
+    if overrides:
+        mcfg = MemoirConfig.from_dict({**mcfg.to_dict(), **overrides})
+    ft_data.setdefault("n_iter", mcfg.n_iter)
+    grace_data.setdefault("n_iter", mcfg.n_iter)
+    if args.n_iter is not None:
+        ft_data["n_iter"] = grace_data["n_iter"] = args.n_iter
+    if args.ft_lr is not None:
+        ft_data["lr"] = args.ft_lr
+    if args.grace_eps is not None:
+        grace_data["eps"] = args.grace_eps
+    if args.grace_lr is not None:
+        grace_data["lr"] = args.grace_lr
+    grace_data.setdefault("seed", args.seed)
+    return mcfg, FTConfig.from_dict(ft_data), GraceConfig.from_dict(grace_data)
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _eval(args, torch)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _eval(args, torch) -> int:
+    from memoir.eval.datasets import kind_of, load_records
+    from memoir.eval.methods import build_method
+    from memoir.eval.runner import run_sequential
+    from memoir.models import load_model
+
+    if args.n is not None and args.n < 1:
+        raise ValueError("--n must be >= 1")
+    if args.eval_every is not None and args.eval_every < 1:
+        raise ValueError("--eval-every must be >= 1")
+    torch.manual_seed(args.seed)
+    records, fmt = load_records(args.data, args.format, args.n, args.offset)
+    if args.n is not None and len(records) < args.n:
+        log.warning("%s has only %d records after offset %d (asked for %d)", args.data, len(records), args.offset, args.n)
+    mcfg, ftcfg, gcfg = _load_configs(args)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    method = build_method(args.method, model, tok, mcfg, ftcfg, gcfg)
+    meta = {
+        "model": args.model,
+        "data": str(pathlib.Path(args.data)),
+        "format": fmt,
+        "offset": args.offset,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "command": " ".join(sys.argv),
+        "config_source": args.config or (f"preset:{args.preset}" if args.preset else "default"),
+    }
+    # Denormal floats (e.g. in GRACE's value optimisation) slow CPU kernels by 10x or more.
+    flushed = torch.set_flush_denormal(True)
+    try:
+        result = run_sequential(
+            method, records, kind_of(fmt), eval_every=args.eval_every, em=not args.no_em,
+            batch_size=args.batch_size, progress=not args.quiet, meta=meta,
+        )
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+    out = pathlib.Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=_json_default))
+    tmp.replace(out)
+    print(format_summary(result))
+    print(f"wrote {out}")
+    return 0
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, pathlib.Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def format_summary(result: dict) -> str:
+    def f(v):
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    keys = ["rel", "gen", "loc", "rel_ppl", "rel_em", "gen_em", "mean", "route_rel", "route_gen", "route_loc_any"]
+    parts = [f"{k}={f(result.get(k))}" for k in keys if k in result]
+    return (
+        f"{result['method']} on {pathlib.Path(result.get('data', '?')).name} ({result.get('format')}), "
+        f"N={result['n_edits']}: " + " ".join(parts)
+        + f" | edit {result['edit_seconds_total']:.1f}s ({result['edit_seconds_mean']:.2f}s/edit), eval {result['eval_seconds']:.1f}s"
+    )
+
+
+def cmd_plot(args) -> int:
+    from memoir.eval.plot import plot_results
+
+    path = plot_results(args.results, args.output, metrics=args.metrics, curve=args.curve)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="memoir-eval")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    add_plot_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

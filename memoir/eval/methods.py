@@ -1,0 +1,122 @@
+"""One interface over the editing methods the harness evaluates: ``memoir``, ``ft``, ``grace``.
+
+A method exposes ``model``, ``tokenizer``, ``edit(prompt, target) -> dict``,
+``logits(batch, keep)`` (teacher-forced forward; MEMOIR/GRACE route each row from
+``batch.prompt_mask``), ``generate_ids(prompts, max_new_tokens)``, ``routes()`` (which edit each
+row of the last forward was routed to, or None when the method does not route) and
+``config_dict()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from memoir.batching import Batch
+from memoir.eval import metrics
+
+METHODS = ("memoir", "ft", "grace")
+
+
+class _Base:
+    name = "base"
+
+    def __init__(self, editor):
+        self.editor = editor
+        self.model = editor.model
+        self.tokenizer = editor.tokenizer
+        self._keep = metrics.keeps_logits(self.model)
+        self.edit_index: dict[int, int] = {}  # editor's edit id -> position in the stream
+
+    def _span(self, batch: Batch):
+        return self.editor.prompt_span(batch.prompt_mask.to(self.editor.device))
+
+    def logits(self, batch: Batch, keep: int | None) -> torch.Tensor:
+        with self._span(batch):
+            return metrics.model_logits(self.model, batch, keep, self._keep)
+
+    def generate_ids(self, prompts, max_new_tokens: int):
+        return metrics.greedy_generate_ids(self.model, self.tokenizer, prompts, max_new_tokens)
+
+    def routes(self):
+        return None
+
+    @property
+    def layer_index(self) -> int:
+        return self.editor.target.layer_index
+
+    @property
+    def module_name(self) -> str:
+        return self.editor.target.qualified_name
+
+
+class MemoirMethod(_Base):
+    name = "memoir"
+
+    def edit(self, prompt, target, position: int) -> dict:
+        r = self.editor.edit(prompt, target)
+        self.edit_index[r.edit_id] = position
+        return {"steps": r.steps, "loss": r.loss, "seconds": r.seconds, "edit_id": r.edit_id}
+
+    def routes(self):
+        rows = self.editor.layer.last_rows
+        if rows is None:
+            return None
+        ids = self.editor.layer.bank.edit_ids
+        out = []
+        for r in rows.tolist():
+            out.append(self.edit_index.get(ids[r]) if r >= 0 else None)
+        return out
+
+    def config_dict(self) -> dict:
+        return self.editor.config.to_dict()
+
+
+class FTMethod(_Base):
+    name = "ft"
+
+    def edit(self, prompt, target, position: int) -> dict:
+        r = self.editor.edit(prompt, target)
+        return {"steps": r.steps, "loss": r.loss, "seconds": r.seconds}
+
+    def config_dict(self) -> dict:
+        return self.editor.config.to_dict()
+
+
+class GraceMethod(_Base):
+    name = "grace"
+
+    def edit(self, prompt, target, position: int) -> dict:
+        r = self.editor.edit(prompt, target)
+        self.edit_index[r.edit_id] = position
+        return {"steps": r.steps, "loss": r.loss, "seconds": r.seconds, "slot": r.slot, "codebook": r.action}
+
+    def routes(self):
+        slots = self.editor.layer.last_slots
+        if slots is None:
+            return None
+        owners = self.editor.layer.owners
+        return [self.edit_index.get(owners[s]) if s >= 0 else None for s in slots.tolist()]
+
+    def config_dict(self) -> dict:
+        return self.editor.config.to_dict()
+
+
+def build_method(name: str, model, tokenizer, memoir_config=None, ft_config=None, grace_config=None):
+    """The method ``name`` on ``model`` at MEMOIR's layer (``memoir_config.layer``, or MEMOIR's default)."""
+    from memoir.baselines import FTConfig, FTEditor, GraceConfig, GraceEditor
+    from memoir.config import MemoirConfig
+    from memoir.editor import MemoirEditor
+    from memoir.models import locate_target
+
+    memoir_config = memoir_config or MemoirConfig()
+    layer = locate_target(model, memoir_config.layer).layer_index  # MEMOIR's layer, resolved
+    if name == "memoir":
+        return MemoirMethod(MemoirEditor(model, tokenizer, dataclasses.replace(memoir_config, layer=layer)))
+    if name == "ft":
+        cfg = ft_config or FTConfig(n_iter=memoir_config.n_iter)
+        return FTMethod(FTEditor(model, tokenizer, dataclasses.replace(cfg, layer=layer)))
+    if name == "grace":
+        cfg = grace_config or GraceConfig(n_iter=memoir_config.n_iter)
+        return GraceMethod(GraceEditor(model, tokenizer, dataclasses.replace(cfg, layer=layer)))
+    raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}")

@@ -1,0 +1,82 @@
+"""Plot ``memoir eval`` results: each metric vs number of edits, one line per (method, dataset)."""
+from __future__ import annotations
+
+import json
+import pathlib
+from collections import defaultdict
+
+DEFAULT_METRICS = ("rel", "gen", "loc", "mean", "rel_ppl", "rel_em", "gen_em")
+LABELS = {
+    "rel": "Rel (token acc)",
+    "gen": "Gen (token acc / OOD acc)",
+    "loc": "Loc (agreement)",
+    "mean": "mean(Rel, Gen, Loc)",
+    "rel_ppl": "Rel PPL (lower is better)",
+    "rel_em": "Rel generation EM",
+    "gen_em": "Gen generation EM",
+}
+
+
+def load_results(paths) -> list[dict]:
+    out = []
+    for p in paths:
+        data = json.loads(pathlib.Path(p).read_text())
+        if not isinstance(data, dict) or "method" not in data or "n_edits" not in data:
+            raise ValueError(f"{p}: not a memoir eval results file")
+        data["_path"] = str(p)
+        out.append(data)
+    return out
+
+
+def series(results: list[dict], curve: bool = False):
+    """``{(method, dataset): [(n_edits, summary dict), ...]}`` sorted by n_edits."""
+    groups = defaultdict(list)
+    for r in results:
+        key = (r["method"], pathlib.Path(r.get("data", "?")).stem)
+        if curve:
+            groups[key + (pathlib.Path(r["_path"]).stem,)].extend((c["n_edits"], c) for c in r.get("curve") or [])
+        else:
+            groups[key].append((r["n_edits"], r))
+    return {k: sorted(v, key=lambda t: t[0]) for k, v in groups.items() if v}
+
+
+def plot_results(paths, output, metrics=None, curve: bool = False) -> pathlib.Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = load_results(paths)
+    data = series(results, curve)
+    if not data:
+        raise ValueError("nothing to plot" + (" (no eval-every curves in these files)" if curve else ""))
+    present = [m for m in (metrics or DEFAULT_METRICS)
+               if any(pt.get(m) is not None for pts in data.values() for _, pt in pts)]
+    if not present:
+        raise ValueError(f"none of the metrics {metrics or DEFAULT_METRICS} is present in the results")
+    cols = min(3, len(present))
+    rows = (len(present) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, m in zip(axes.flat, present):
+        for key, pts in sorted(data.items()):
+            xs = [n for n, pt in pts if pt.get(m) is not None]
+            ys = [pt[m] for n, pt in pts if pt.get(m) is not None]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=" / ".join(key))
+        ax.set_title(LABELS.get(m, m))
+        ax.set_xlabel("edits made" if curve else "number of sequential edits N")
+        if any(n > 0 for pts in data.values() for n, _ in pts) and not curve:
+            ax.set_xscale("log")
+        if m != "rel_ppl":
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * ((len(labels) - 1) // 4), 1, 1))
+    output = pathlib.Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output

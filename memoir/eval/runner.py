@@ -1,0 +1,248 @@
+"""The sequential (lifelong) editing protocol (spec §6.2) and its results JSON.
+
+1. Pre-edit pass with the unedited model: the Loc argmax snapshot of every record's locality
+   answer, and the "pre" Rel/Gen scores.
+2. Apply the N edits one after another (tqdm bar with ETA); with ``eval_every=K`` the edits
+   made so far are evaluated every K edits (forgetting curve, stored under ``curve``).
+3. Evaluate all N records with the final model.
+
+Metrics per dataset kind (see ``memoir.eval.datasets.FORMAT_KIND``):
+
+* ``qa`` (ZsRE, KnowEdit, CounterFact): ``rel``/``gen`` = teacher-forced token accuracy of the
+  target after the edit / rephrase prompt; ``loc`` = argmax agreement with the pre-edit model on
+  the locality answer; ``rel_em``/``gen_em`` = greedy-generation exact match.
+* ``ppl`` (hallucination): ``rel_ppl`` = mean over edits of exp(mean target NLL) (lower is
+  better), ``loc``; ``rel`` (token accuracy) is reported too; no ``gen``.
+* ``ood`` (temporal): ``rel`` = token accuracy of the target passage, ``gen`` = ``ood_acc`` =
+  fraction of the OOD-rephrase passage's tokens with probability > 0.8 (EasyEdit ``OOD_PPL``,
+  spec §6.3), ``loc``; ``rel_ppl`` too.
+
+``mean`` = mean of ``rel``, ``gen``, ``loc`` where present.  Routing diagnostics (which edit
+each probe was routed to; MEMOIR and GRACE only): ``route_rel`` / ``route_gen`` = fraction of
+edit / rephrase prompts routed to their own edit, ``route_loc_any`` = fraction of locality
+prompts routed to some edit.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+from memoir.eval import metrics
+from memoir.eval.datasets import EditRecord
+
+SUMMARY_KEYS = ("rel", "gen", "loc", "rel_ppl", "ood_acc", "rel_em", "gen_em", "route_rel", "route_gen", "route_loc_any")
+
+
+def machine_info() -> dict:
+    import transformers
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+class _Routes:
+    """Collects per-row routing decisions after each forward of a metric driver."""
+
+    def __init__(self, method, n: int):
+        self.method, self.values = method, [None] * n
+        self.used = False
+
+    def __call__(self, idx):
+        routes = self.method.routes()
+        if routes is not None:
+            self.used = True
+            for i, r in zip(idx, routes):
+                self.values[i] = r
+
+
+def _loc_items(records):
+    return [i for i, r in enumerate(records) if r.loc_prompt is not None and r.loc_answer is not None]
+
+
+def loc_snapshot(method, records: list[EditRecord], batch_size: int = metrics.DEFAULT_BATCH_SIZE) -> dict[int, list[int]]:
+    """Pre-edit argmax tokens on each record's locality answer: ``{record index: [token ids]}``."""
+    items = _loc_items(records)
+    scores = metrics.teacher_forced(
+        method, [records[i].loc_prompt for i in items], [records[i].loc_answer for i in items], batch_size
+    )
+    return {i: s.argmax for i, s in zip(items, scores)}
+
+
+def evaluate(method, records: list[EditRecord], kind: str, pre_loc: dict | None = None, *, em: bool = True,
+             batch_size: int = metrics.DEFAULT_BATCH_SIZE, positions: list[int] | None = None) -> list[dict]:
+    """Per-record metrics for ``records`` with the method's current model.
+
+    ``positions[i]`` is record i's position in the edit stream (for routing diagnostics).
+    """
+    n = len(records)
+    positions = list(range(n)) if positions is None else positions
+    rows = [{} for _ in range(n)]
+
+    # Rel (token accuracy + target NLL), routed from the edit prompt.
+    routes = _Routes(method, n)
+    rel = metrics.teacher_forced(method, [r.prompt for r in records], [r.target for r in records], batch_size,
+                                 on_batch=routes)
+    for i, s in enumerate(rel):
+        rows[i]["rel"] = s.acc
+        if kind in ("ppl", "ood"):
+            rows[i]["rel_ppl"] = s.ppl
+            rows[i]["rel_nll"] = s.nll
+        if routes.used:
+            rows[i]["route_rel"] = routes.values[i]
+
+    # Gen: paraphrase token accuracy (qa) or OOD accuracy of the rephrase passage (ood).
+    gi = [i for i, r in enumerate(records) if r.rephrase is not None]
+    if gi and kind != "ppl":
+        routes = _Routes(method, len(gi))
+        if kind == "ood":
+            vals = metrics.ood_scores(method, [records[i].rephrase for i in gi], batch_size, on_batch=routes)
+            for j, i in enumerate(gi):
+                rows[i]["gen"] = vals[j]
+                rows[i]["ood_acc"] = vals[j]
+        else:
+            gen = metrics.teacher_forced(method, [records[i].rephrase for i in gi], [records[i].target for i in gi],
+                                         batch_size, on_batch=routes)
+            for j, i in enumerate(gi):
+                rows[i]["gen"] = gen[j].acc
+        if routes.used:
+            for j, i in enumerate(gi):
+                rows[i]["route_gen"] = routes.values[j]
+
+    # Loc: agreement with the pre-edit argmax on the locality answer.
+    if pre_loc is not None:
+        li = [i for i in _loc_items(records) if i in pre_loc]
+        routes = _Routes(method, len(li))
+        post = metrics.teacher_forced(method, [records[i].loc_prompt for i in li], [records[i].loc_answer for i in li],
+                                      batch_size, on_batch=routes)
+        for j, i in enumerate(li):
+            rows[i]["loc"] = metrics.agreement(pre_loc[i], post[j].argmax)
+            if routes.used:
+                rows[i]["route_loc"] = routes.values[j]
+
+    # Generation exact match (short-answer datasets only).
+    if em and kind == "qa":
+        out = metrics.generation_em(method, [r.prompt for r in records], [r.target for r in records], batch_size)
+        for i, (ok, text) in enumerate(out):
+            rows[i]["rel_em"], rows[i]["rel_output"] = float(ok), text
+        if gi:
+            out = metrics.generation_em(method, [records[i].rephrase for i in gi], [records[i].target for i in gi],
+                                        batch_size)
+            for j, i in enumerate(gi):
+                rows[i]["gen_em"], rows[i]["gen_output"] = float(out[j][0]), out[j][1]
+    for i, row in enumerate(rows):
+        row["position"] = positions[i]
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for key in ("rel", "gen", "loc", "rel_ppl", "ood_acc", "rel_em", "gen_em"):
+        out[key] = metrics.mean(r.get(key) for r in rows)
+    if any("route_rel" in r for r in rows):
+        out["route_rel"] = metrics.mean(float(r["route_rel"] == r["position"]) for r in rows if "route_rel" in r)
+        out["route_gen"] = metrics.mean(float(r["route_gen"] == r["position"]) for r in rows if "route_gen" in r)
+        out["route_loc_any"] = metrics.mean(float(r["route_loc"] is not None) for r in rows if "route_loc" in r)
+    out["mean"] = metrics.mean([out[k] for k in ("rel", "gen", "loc")])
+    out["n"] = len(rows)
+    return out
+
+
+def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: int | None = None,
+                   em: bool = True, batch_size: int = metrics.DEFAULT_BATCH_SIZE, progress: bool = True,
+                   meta: dict | None = None) -> dict:
+    """Run the whole protocol; returns the results dict (JSON-serialisable)."""
+    from tqdm.auto import tqdm
+
+    if not records:
+        raise ValueError("no records to edit")
+    n = len(records)
+    t0 = time.perf_counter()
+    pre_loc = loc_snapshot(method, records, batch_size)
+    pre_rows = evaluate(method, records, kind, None, em=False, batch_size=batch_size)
+    pre_seconds = time.perf_counter() - t0
+
+    edit_rows, curve, curve_seconds = [], [], 0.0
+    bar = tqdm(records, desc=f"editing ({method.name})", unit="edit", disable=not progress)
+    for i, rec in enumerate(bar):
+        info = method.edit(rec.prompt, rec.target, i)
+        edit_rows.append(info)
+        bar.set_postfix(loss=f"{info['loss']:.3f}", steps=info["steps"])
+        if eval_every and (i + 1) % eval_every == 0 and (i + 1) < n:
+            tc = time.perf_counter()
+            sub = evaluate(method, records[: i + 1], kind, pre_loc, em=False, batch_size=batch_size)
+            curve.append({"n_edits": i + 1, **summarise(sub)})
+            curve_seconds += time.perf_counter() - tc
+    bar.close()
+    edit_seconds = sum(r["seconds"] for r in edit_rows)
+
+    t1 = time.perf_counter()
+    rows = evaluate(method, records, kind, pre_loc, em=em, batch_size=batch_size)
+    eval_seconds = time.perf_counter() - t1
+    summary = summarise(rows)
+    if eval_every:
+        curve.append({"n_edits": n, **{k: v for k, v in summary.items()}})
+
+    per_edit = []
+    for i, (rec, row, pre, ed) in enumerate(zip(records, rows, pre_rows, edit_rows)):
+        entry = {
+            "index": rec.extra.get("index", i),
+            "prompt": rec.prompt,
+            "target": rec.target,
+            "rephrase": rec.rephrase,
+            "loc_prompt": rec.loc_prompt,
+            "loc_answer": rec.loc_answer,
+            "edit": ed,
+            **{k: v for k, v in row.items() if k != "position"},
+            "pre_rel": pre.get("rel"),
+            "pre_gen": pre.get("gen"),
+        }
+        if "rel_ppl" in pre:
+            entry["pre_rel_ppl"] = pre["rel_ppl"]
+        if "loc_skipped" in rec.extra:
+            entry["loc_skipped"] = rec.extra["loc_skipped"]
+        per_edit.append(entry)
+
+    result = dict(meta or {})
+    result.update({
+        "method": method.name,
+        "n_edits": n,
+        "kind": kind,
+        **{k: summary.get(k) for k in SUMMARY_KEYS if summary.get(k) is not None or k in ("rel", "gen", "loc", "rel_em", "gen_em")},
+        "mean": summary["mean"],
+        "pre": summarise(pre_rows),
+        "edit_seconds_total": edit_seconds,
+        "edit_seconds_mean": edit_seconds / n,
+        "edit_steps_mean": sum(r["steps"] for r in edit_rows) / n,
+        "eval_seconds": eval_seconds,
+        "pre_eval_seconds": pre_seconds,
+        "curve_eval_seconds": curve_seconds,
+        "wall_seconds": time.perf_counter() - t0,
+        "layer": method.layer_index,
+        "module": method.module_name,
+        "config": method.config_dict(),
+        "machine": machine_info(),
+        "eval_every": eval_every,
+        "curve": curve,
+        "records": per_edit,
+    })
+    return result
