@@ -16,6 +16,7 @@ from memoir.batching import Batch, build_batch
 from memoir.config import MemoirConfig
 from memoir.layer import MemoirLayer
 from memoir.models import Target, locate_target
+from memoir.routing import PromptRouting
 from memoir.tophash import make_permutation
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class _Replay(nn.Module):
             return getattr(object.__getattribute__(self, "_original"), name)
 
 
-class MemoirEditor:
+class MemoirEditor(PromptRouting):
     """Attach a MEMOIR memory (in place) to ``model`` and edit it.
 
     ``editor.model`` is the edited model: plain ``model(...)`` and ``model.generate(...)`` use the
@@ -130,65 +131,17 @@ class MemoirEditor:
             background_mean=mean,
             background_std=std,
         )
-        parent_path, _, leaf = target.module_path.rpartition(".")
-        parent = target.layers[target.layer_index]
-        if parent_path:
-            parent = parent.get_submodule(parent_path)
-        setattr(parent, leaf, self.layer)
-        self._hook = model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
-        self._span_override: torch.Tensor | None = None
+        target.install(self.layer)
+        self._install_routing()
         self._templates: list[str] | None = None
         self.edits: dict[int, EditRequest] = {}
         self._next_id = 0
-        params = inspect.signature(model.forward).parameters
-        self._keeps_logits = "logits_to_keep" in params
-        self._takes_positions = "position_ids" in params
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     # ------------------------------------------------------------------ plumbing
     @property
     def device(self) -> torch.device:
         return self.layer.memory.device
-
-    def _on_model_forward(self, module, args, kwargs):
-        """Before every model forward: a pass with an empty KV cache is a prompt pass.
-
-        For a prompt pass without explicit ``position_ids``, positions are derived from the
-        attention mask (as ``generate`` does), so a left-padded row sees the same positions as
-        the unpadded prompt; models with absolute position embeddings (GPT-2) need this.
-        """
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        past = 0 if cache is None else cache.get_seq_length()
-        if past != 0:
-            return None
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            attention_mask = args[1]
-        if attention_mask is not None and attention_mask.dim() != 2:
-            attention_mask = None
-        span = self._span_override
-        if span is None and attention_mask is not None:
-            span = attention_mask.bool()
-        self.layer.begin_prefill(span)
-        if (
-            attention_mask is not None
-            and self._takes_positions
-            and kwargs.get("position_ids") is None
-            and len(args) <= 2
-        ):
-            kwargs = dict(kwargs, position_ids=(attention_mask.long().cumsum(-1) - 1).clamp_min(0))
-            return args, kwargs
-        return None
-
-    @contextlib.contextmanager
-    def prompt_span(self, span: torch.Tensor):
-        """Route from these positions ([B, S] bool) instead of the attention mask, e.g. the prompt
-        part of a teacher-forced ``prompt + target`` batch."""
-        previous = self._span_override
-        self._span_override = span.bool()
-        try:
-            yield
-        finally:
-            self._span_override = previous
 
     @contextlib.contextmanager
     def _capture_input(self):
@@ -339,6 +292,10 @@ class MemoirEditor:
         # batched GEMM on CPU (measured: most of an edit's time); a contiguous copy avoids it.
         head = self.model.get_output_embeddings()
         head_hook = head.register_forward_pre_hook(lambda m, args: (args[0].contiguous(), *args[1:]))
+        # Tiny gradients into a zero-initialised memory are denormal floats, which run many
+        # times slower on x86 CPUs; flush them to zero while editing (torch has no getter, so
+        # the setting is switched back off afterwards).
+        flushing = memory.device.type == "cpu" and torch.set_flush_denormal(True)
         try:
             with self._replaying_below(replay_output), torch.enable_grad():
                 for _ in range(cfg.n_iter):
@@ -365,6 +322,8 @@ class MemoirEditor:
                     opt.step()
                     steps += 1
         finally:
+            if flushing:
+                torch.set_flush_denormal(False)
             head_hook.remove()
             self.layer.force_mask(None)
             memory.requires_grad_(False)
@@ -434,10 +393,6 @@ class MemoirEditor:
     # ------------------------------------------------------------------ teardown
     def detach(self) -> nn.Module:
         """Remove the memory and restore the original projection; returns the plain model."""
-        self._hook.remove()
-        parent_path, _, leaf = self.target.module_path.rpartition(".")
-        parent = self.target.layers[self.target.layer_index]
-        if parent_path:
-            parent = parent.get_submodule(parent_path)
-        setattr(parent, leaf, self.layer.base)
+        self._remove_routing()
+        self.target.install(self.layer.base)
         return self.model

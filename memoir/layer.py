@@ -84,7 +84,12 @@ class MemoirLayer(nn.Module):
     def _use_kernels(self, a: torch.Tensor) -> bool:
         """Triton kernels serve CUDA tensors under MEMOIR_KERNELS=auto.  On CPU the dense
         masked matmul stays: it measured fastest for decode (benchmarks/results/residual_cpu.json)."""
-        return a.is_cuda and a.dim() == 3 and ops.kernel_mode() == "auto" and _kernels_available()
+        if a.dim() != 3:
+            return False
+        mode = ops.kernel_mode()
+        if mode == "triton":
+            return _kernels_available()
+        return a.is_cuda and mode == "auto" and _kernels_available()
 
     def _base_weight(self):
         w = self.base.weight

@@ -165,6 +165,14 @@ class Target:
     def qualified_name(self) -> str:
         return f"{self.layers_path}.{self.layer_index}.{self.module_path}"
 
+    def install(self, module: nn.Module) -> None:
+        """Put ``module`` where the target projection sits (wrapping or restoring it)."""
+        parent_path, _, leaf = self.module_path.rpartition(".")
+        parent = self.layers[self.layer_index]
+        if parent_path:
+            parent = parent.get_submodule(parent_path)
+        setattr(parent, leaf, module)
+
 
 def _get(root: nn.Module, path: str):
     obj = root

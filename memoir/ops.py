@@ -165,16 +165,22 @@ def _native():
     return _NATIVE_STATE or None
 
 
+KERNEL_MODES = ("auto", "reference", "triton")
+
+
 def kernel_mode() -> str:
+    """``MEMOIR_KERNELS``: ``auto`` (fastest available), ``reference`` (pure PyTorch everywhere),
+    ``triton`` (as auto, and the layer uses Triton kernels wherever they can run, including the
+    CPU interpreter under ``TRITON_INTERPRET=1``: for testing)."""
     mode = os.environ.get("MEMOIR_KERNELS", "auto").lower()
-    if mode not in ("auto", "reference"):
-        raise ValueError(f"MEMOIR_KERNELS must be 'auto' or 'reference', got {mode!r}")
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"MEMOIR_KERNELS must be one of {KERNEL_MODES}, got {mode!r}")
     return mode
 
 
 def backend() -> dict:
     """Which implementation serves CPU and CUDA tensors: 'cpp', 'cuda' or 'torch'."""
-    native = _native() if kernel_mode() == "auto" else None
+    native = _native() if kernel_mode() != "reference" else None
     cpu = "cpp" if native is not None and getattr(native, "has_cpu", lambda: False)() else "torch"
     cuda = "cuda" if native is not None and getattr(native, "has_cuda", lambda: False)() else "torch"
     return {"cpu": cpu, "cuda": cuda}
@@ -182,7 +188,7 @@ def backend() -> dict:
 
 def cpu_isa() -> str:
     """The CPU popcount kernel the extension picked ('avx512_vpopcntdq', 'popcnt', 'generic'), or 'torch'."""
-    native = _native() if kernel_mode() == "auto" else None
+    native = _native() if kernel_mode() != "reference" else None
     return native.cpu_isa() if native is not None else "torch"
 
 

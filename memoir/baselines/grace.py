@@ -32,6 +32,7 @@ from torch import nn
 
 from memoir.batching import build_batch
 from memoir.models import locate_target
+from memoir.routing import PromptRouting
 
 REPLACEMENTS = ("last", "after")
 
@@ -166,7 +167,7 @@ class GraceResult:
     seconds: float
 
 
-class GraceEditor:
+class GraceEditor(PromptRouting):
     name = "grace"
 
     def __init__(self, model, tokenizer, config: GraceConfig | None = None):
@@ -181,42 +182,14 @@ class GraceEditor:
         for p in model.parameters():
             p.requires_grad_(False)
         self.layer = GraceLayer(target.module, target.in_features, target.out_features, self.config.replacement)
-        parent_path, _, leaf = target.module_path.rpartition(".")
-        parent = target.layers[target.layer_index]
-        if parent_path:
-            parent = parent.get_submodule(parent_path)
-        setattr(parent, leaf, self.layer)
-        self._hook = model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
-        self._span_override = None
+        target.install(self.layer)
+        self._install_routing()
         self._gen = torch.Generator().manual_seed(self.config.seed)
         self.n_edits = 0
 
     @property
     def device(self):
         return self.layer.base.weight.device
-
-    def _on_model_forward(self, module, args, kwargs):
-        """Before every model forward: a pass with an empty KV cache is a prompt (prefill) pass."""
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        past = 0 if cache is None else cache.get_seq_length()
-        if past == 0:
-            span = self._span_override
-            if span is None:
-                span = kwargs.get("attention_mask")
-                if span is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-                    span = args[1]
-                span = None if span is None or span.dim() != 2 else span.bool()
-            self.layer.begin_prefill(span)
-        return None
-
-    @contextlib.contextmanager
-    def prompt_span(self, span: torch.Tensor):
-        previous = self._span_override
-        self._span_override = span.bool()
-        try:
-            yield
-        finally:
-            self._span_override = previous
 
     @contextlib.contextmanager
     def disabled(self):
@@ -314,10 +287,6 @@ class GraceEditor:
         return GraceResult(self.n_edits - 1, slot, action, steps, loss_value, time.perf_counter() - start)
 
     def detach(self):
-        self._hook.remove()
-        parent_path, _, leaf = self.target.module_path.rpartition(".")
-        parent = self.target.layers[self.target.layer_index]
-        if parent_path:
-            parent = parent.get_submodule(parent_path)
-        setattr(parent, leaf, self.layer.base)
+        self._remove_routing()
+        self.target.install(self.layer.base)
         return self.model

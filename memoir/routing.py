@@ -1,0 +1,57 @@
+"""Prompt-pass routing shared by the editors that wrap one layer (MEMOIR, GRACE baseline).
+
+A forward pre-hook on the whole model marks every pass with an empty KV cache as a prompt
+(prefill) pass and tells the wrapped layer which positions form each row's prompt: the
+attention mask, or an explicit span set with :meth:`PromptRouting.prompt_span` (the prompt part
+of a teacher-forced ``prompt + target`` batch).  Decode steps reuse the prefill's decision.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+
+
+class PromptRouting:
+    """Mixin; the host sets ``self.model`` and ``self.layer`` (with ``begin_prefill(span)``)."""
+
+    def _install_routing(self) -> None:
+        self._span_override: torch.Tensor | None = None
+        self._takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
+        self._hook = self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
+
+    def _remove_routing(self) -> None:
+        self._hook.remove()
+
+    def _on_model_forward(self, module, args, kwargs):
+        """For a prompt pass without explicit ``position_ids``, positions come from the attention
+        mask (as ``generate`` does), so a left-padded row sees the positions of the unpadded
+        prompt; models with absolute position embeddings (GPT-2) need this."""
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = 0 if cache is None else cache.get_seq_length()
+        if past != 0:
+            return None
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            attention_mask = args[1]
+        if attention_mask is not None and attention_mask.dim() != 2:
+            attention_mask = None
+        span = self._span_override
+        if span is None and attention_mask is not None:
+            span = attention_mask.bool()
+        self.layer.begin_prefill(span)
+        if attention_mask is not None and self._takes_positions and kwargs.get("position_ids") is None \
+                and len(args) <= 2:
+            return args, dict(kwargs, position_ids=(attention_mask.long().cumsum(-1) - 1).clamp_min(0))
+        return None
+
+    @contextlib.contextmanager
+    def prompt_span(self, span: torch.Tensor):
+        """Route from these positions ([B, S] bool) instead of the attention mask."""
+        previous = self._span_override
+        self._span_override = span.bool()
+        try:
+            yield
+        finally:
+            self._span_override = previous

