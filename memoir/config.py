@@ -46,6 +46,9 @@ class MemoirConfig:
     # --- departures from the reference (documented in README "Method options") ---
     feature_scaling: str = "none"  # "std": divide the de-centred feature by the background std
     decay_scope: str = "all"  # "all" = SGD weight decay on the whole memory (reference)
+    # > 0: a column already owned by u earlier edits gets its gradient scaled by 1 / (1 + p*u),
+    # so a new edit prefers its fresh columns and overwrites less of the old ones.
+    column_protection: float = 0.0
     extra: dict = field(default_factory=dict)  # free-form notes carried with a preset
 
     def __post_init__(self):
@@ -62,7 +65,7 @@ class MemoirConfig:
             bad("aggregation", self.aggregation, f"must be one of {AGGREGATIONS}")
         if not isinstance(self.n_iter, int) or self.n_iter < 0:
             bad("n_iter", self.n_iter, "must be a non-negative integer")
-        for name in ("lr", "weight_decay", "grad_clip", "early_stop_loss", "early_stop_delta"):
+        for name in ("lr", "weight_decay", "grad_clip", "early_stop_loss", "early_stop_delta", "column_protection"):
             if float(getattr(self, name)) < 0:
                 bad(name, getattr(self, name), "must be >= 0")
         if self.lr == 0:

@@ -236,9 +236,10 @@ class MemoirEditor(PromptRouting):
                 hook.remove()
         acts = seen[0].reshape(*batch.input_ids.shape, -1)
         cols, dense, packed = self.layer.query_masks(acts[:1], batch.prompt_mask[:1])
+        owners_before = self.layer.column_usage() if self.config.column_protection > 0 else None
         edit_id = self._store_mask(packed[0], request)
 
-        steps, loss = self._optimise(batch, dense[0], replay_output[0] if replay_output else None)
+        steps, loss = self._optimise(batch, dense[0], replay_output[0] if replay_output else None, owners_before)
         return EditResult(edit_id, request.prompt, request.target, steps, loss, time.perf_counter() - start)
 
     def _store_mask(self, packed: torch.Tensor, request: EditRequest) -> int:
@@ -274,7 +275,7 @@ class MemoirEditor(PromptRouting):
             for i, layer in enumerate(originals):
                 layers[i] = layer
 
-    def _optimise(self, batch: Batch, mask: torch.Tensor, replay_output):
+    def _optimise(self, batch: Batch, mask: torch.Tensor, replay_output, owners_before=None):
         cfg = self.config
         memory = self.layer.memory
         decay = cfg.weight_decay if cfg.decay_scope == "all" else 0.0
@@ -285,6 +286,9 @@ class MemoirEditor(PromptRouting):
         # like the reference loop does.
         labels = batch.input_ids[:, -n_target:]
         keep = {} if cfg.full_forward else self._keep_kwargs(n_target + 1)
+        grad_scale = None
+        if owners_before is not None:
+            grad_scale = 1.0 / (1.0 + cfg.column_protection * owners_before.to(memory.device, memory.dtype))
         steps, prev, loss_value = 0, None, float("nan")
         memory.requires_grad_(True)
         self.layer.force_mask(mask)
@@ -315,6 +319,8 @@ class MemoirEditor(PromptRouting):
                     prev = loss_value
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if grad_scale is not None:
+                        memory.grad.mul_(grad_scale)
                     if cfg.decay_scope == "active" and cfg.weight_decay > 0:
                         memory.grad.add_(memory.detach() * mask.to(memory.dtype), alpha=cfg.weight_decay)
                     if cfg.grad_clip > 0:

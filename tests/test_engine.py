@@ -207,3 +207,18 @@ def test_gpt2_conv1d_target_is_transposed():
     model, _ = tiny_model("gpt2")
     t = locate_target(model)
     assert t.transposed and (t.in_features, t.out_features) == (256, 64)
+
+
+def test_column_protection_slows_writes_to_owned_columns():
+    plain = make_editor(decay_scope="none", n_iter=3, early_stop=False)
+    guarded = make_editor(decay_scope="none", n_iter=3, early_stop=False, column_protection=50.0)
+    for e in (plain, guarded):
+        e.edit(PROMPT, TARGET)
+    first = plain.layer.memory.clone()
+    torch.testing.assert_close(first, guarded.layer.memory)
+    for e in (plain, guarded):
+        e.edit("the eiffel tower is in the city of", "paris")
+    shared = (plain.layer.column_usage() == 2)
+    assert shared.any()
+    moved = lambda e: (e.layer.memory[:, shared] - first[:, shared]).abs().sum()
+    assert moved(guarded) < 0.1 * moved(plain)
