@@ -237,9 +237,23 @@ class MemoirEditor(PromptRouting):
         acts = seen[0].reshape(*batch.input_ids.shape, -1)
         cols, dense, packed = self.layer.query_masks(acts[:1], batch.prompt_mask[:1])
         owners_before = self.layer.column_usage() if self.config.column_protection > 0 else None
+        bank_before = (self.layer.bank.words.clone(), list(self.layer.bank.edit_ids), dict(self.edits))
+        memory = self.layer.memory
+        # Only these columns (plus whole-matrix weight decay) change: enough to undo a failed edit.
+        saved = memory.detach()[:, cols[0]].clone() if cfg.decay_scope != "all" else memory.detach().clone()
         edit_id = self._store_mask(packed[0], request)
-
-        steps, loss = self._optimise(batch, dense[0], replay_output[0] if replay_output else None, owners_before)
+        try:
+            steps, loss = self._optimise(batch, dense[0], replay_output[0] if replay_output else None,
+                                         owners_before)
+        except BaseException:  # interrupted or failed: leave the memory and bank as they were
+            with torch.no_grad():
+                if cfg.decay_scope != "all":
+                    memory[:, cols[0]] = saved
+                else:
+                    memory.copy_(saved)
+            self.layer.bank.load(*bank_before[:2])
+            self.edits = bank_before[2]
+            raise
         return EditResult(edit_id, request.prompt, request.target, steps, loss, time.perf_counter() - start)
 
     def _store_mask(self, packed: torch.Tensor, request: EditRequest) -> int:

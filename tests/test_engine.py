@@ -222,3 +222,19 @@ def test_column_protection_slows_writes_to_owned_columns():
     assert shared.any()
     moved = lambda e: (e.layer.memory[:, shared] - first[:, shared]).abs().sum()
     assert moved(guarded) < 0.1 * moved(plain)
+
+
+def test_failed_edit_leaves_memory_and_bank_untouched(monkeypatch):
+    editor = make_editor()
+    editor.edit(PROMPT, TARGET)
+    memory, words = editor.layer.memory.clone(), editor.layer.bank.words.clone()
+
+    def boom(*a, **k):
+        editor.layer.memory.data.add_(1.0)  # half-done work that must be undone
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(editor, "_optimise", boom)
+    with pytest.raises(KeyboardInterrupt):
+        editor.edit("the capital of japan is", "berlin")
+    assert torch.equal(editor.layer.memory, memory) and torch.equal(editor.layer.bank.words, words)
+    assert list(editor.edits) == [0]
