@@ -18,11 +18,13 @@ DEMO_EDITS = [
     ("The largest planet in our solar system is", "Mercury", "The biggest planet of the solar system is"),
 ]
 DEMO_UNRELATED = [
-    "The capital of France is",
     "Water is made of hydrogen and",
     "The Great Wall is located in",
-    "Hamlet was written by",
+    "The speed of light is about",
 ]
+# Same wording as an edited prompt, another subject: mean-pooled TopHash features can confuse
+# these with the edit (a known limit of the method); shown so users see it, not hidden.
+DEMO_SIMILAR = ["The capital of France is", "Hamlet was written by"]
 
 
 def _config_from_args(args):
@@ -59,7 +61,7 @@ def cmd_demo(args) -> int:
 
     edits = DEMO_EDITS[: args.n_edits]
     rows = [(p, "edited") for p, _, _ in edits] + [(r, "rephrased") for _, _, r in edits]
-    rows += [(p, "unrelated") for p in DEMO_UNRELATED]
+    rows += [(p, "unrelated") for p in DEMO_UNRELATED] + [(p, "similar") for p in DEMO_SIMILAR]
     prompts = [p for p, _ in rows]
     before = editor.generate(prompts, max_new_tokens=args.max_new_tokens)
 
@@ -80,9 +82,17 @@ def cmd_demo(args) -> int:
     for (prompt, kind), b, a, r in zip(rows, before, after, routes):
         fired = f"edit {r.edit_id} ({r.score:.2f})" if r.edit_id is not None else f"off ({r.score:.2f})"
         print(f"{kind:9s} {_short(prompt, w):{w}s} {_short(b, w):{w}s} {_short(a, w):{w}s} {fired}")
+    def fired(kind):
+        return sum(r.edit_id is not None for (_, k), r in zip(rows, routes) if k == kind), sum(
+            k == kind for _, k in rows)
+
+    (e_hit, e_n), (r_hit, r_n), (u_hit, u_n), (s_hit, s_n) = (fired(k) for k in
+                                                              ("edited", "rephrased", "unrelated", "similar"))
     print(textwrap.dedent(f"""
-        Edited and rephrased prompts should now give the new answers; unrelated prompts keep the
-        original model's answers because their masks overlap no stored edit above tau (memory off).
+        The memory fired for {e_hit}/{e_n} edited and {r_hit}/{r_n} rephrased prompts (their TopHash masks
+        overlap a stored edit by >= tau), for {u_hit}/{u_n} unrelated prompts (memory off: the original
+        model's answer, bit for bit) and for {s_hit}/{s_n} prompts that reuse an edited prompt's wording
+        with another subject: mean-pooled prompt features can confuse those with the edit.
         Timings: load {t_load:.1f}s, attach {t_attach:.1f}s, {len(edits)} edits {t_edit:.1f}s
         ({t_edit / max(1, len(edits)):.1f}s/edit), generate+retrieve for {len(prompts)} prompts {t_gen:.1f}s.
         """).rstrip())

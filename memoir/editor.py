@@ -5,6 +5,7 @@ import contextlib
 import importlib.resources
 import inspect
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -118,7 +119,7 @@ class MemoirEditor(PromptRouting):
         if background is not None:
             mean, std = background
         else:
-            mean, std = self._background_stats(background_texts or default_background_texts())
+            mean, std = self._cached_background(background_texts or default_background_texts())
         self.layer = MemoirLayer(
             target.module,
             target.in_features,
@@ -151,6 +152,35 @@ class MemoirEditor(PromptRouting):
             yield seen
         finally:
             self.layer.capture = None
+
+    def _cached_background(self, texts: list[str]):
+        """Background statistics, cached per (base weight, target, texts) under the user cache dir."""
+        import hashlib
+
+        from safetensors.torch import load_file, save_file
+
+        from memoir.models import cache_dir
+        from memoir.persist import weight_fingerprint
+
+        key = hashlib.sha256(
+            "\n".join([weight_fingerprint(self.target.module.weight), self.target.qualified_name, *texts]).encode()
+        ).hexdigest()[:32]
+        path = cache_dir() / "background" / f"{key}.safetensors"
+        if path.exists():
+            try:
+                state = load_file(str(path))
+                return state["mean"], state["std"]
+            except Exception as exc:  # a damaged cache entry is recomputed
+                log.warning("ignoring unreadable background cache %s: %s", path, exc)
+        mean, std = self._background_stats(texts)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({"mean": mean.cpu().contiguous(), "std": std.cpu().contiguous()}, str(tmp))
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("could not cache background statistics in %s: %s", path, exc)
+        return mean, std
 
     @torch.no_grad()
     def _background_stats(self, texts: list[str], batch_size: int = 16):

@@ -91,3 +91,17 @@ def test_load_rejects_other_model_and_corruption(tmp_path):
     (tmp_path / "e" / CONFIG_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format"):
         MemoirEditor.load(model, tok, tmp_path / "e")
+
+
+def test_background_statistics_are_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMOIR_CACHE", str(tmp_path))
+    model, tok = tiny_model()
+    first = MemoirEditor(model, tok, background_texts=BACKGROUND)
+    stats = (first.layer.background_mean.clone(), first.layer.background_std.clone())
+    first.detach()
+    assert len(list((tmp_path / "background").glob("*.safetensors"))) == 1
+    calls = []
+    monkeypatch.setattr(MemoirEditor, "_background_stats", lambda self, texts: calls.append(1))
+    second = MemoirEditor(model, tok, background_texts=BACKGROUND)
+    assert not calls
+    assert torch.equal(second.layer.background_mean, stats[0]) and torch.equal(second.layer.background_std, stats[1])
