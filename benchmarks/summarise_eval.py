@@ -19,15 +19,15 @@ def main():
         d = json.loads(path.read_text())
         if "method" not in d:
             continue
-        rows.append((d["data"].split("/")[-1], d["method"], d["n_edits"], d, path.name))
+        # File names are <data>_<run>_n<N>.json; <run> names the method and variant (memoir-protect).
+        run = path.stem.split("_")[1]
+        rows.append((path.stem.split("_")[0], run, d["n_edits"], d))
     rows.sort(key=lambda r: (r[0], r[2], r[1]))
-    print("| data | method | N | " + " | ".join(COLS) + " | s/edit | machine | file |")
-    print("|---" * (len(COLS) + 6) + "|")
-    for data, method, n, d, name in rows:
-        m = d.get("machine", {})
-        machine = f"{m.get('cpu', '?')} {m.get('torch_threads', '?')} thr"
-        print(f"| {data} | {method} | {n} | " + " | ".join(fmt(d.get(c)) for c in COLS)
-              + f" | {d.get('edit_seconds_mean', 0):.1f} | {machine} | {name} |")
+    print("| data | run | N | " + " | ".join(COLS) + " | s/edit |")
+    print("|---" * (len(COLS) + 4) + "|")
+    for data, run, n, d in rows:
+        print(f"| {data} | {run} | {n} | " + " | ".join(fmt(d.get(c)) for c in COLS)
+              + f" | {d.get('edit_seconds_mean', 0):.1f} |")
 
 
 if __name__ == "__main__":
