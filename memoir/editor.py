@@ -231,15 +231,6 @@ class MemoirEditor(PromptRouting):
     def enable(self) -> None:
         self.layer.enabled = True
 
-    @contextlib.contextmanager
-    def disabled(self):
-        was = self.layer.enabled
-        self.layer.enabled = False
-        try:
-            yield
-        finally:
-            self.layer.enabled = was
-
     # ------------------------------------------------------------------ editing
     def edit(self, prompt: str, target: str) -> EditResult:
         """Write one fact: after this, ``prompt`` (and its rephrasings) continue with ``target``."""

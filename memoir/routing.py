@@ -55,3 +55,13 @@ class PromptRouting:
             yield
         finally:
             self._span_override = previous
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The unedited model inside the block (the wrapped layer passes through)."""
+        was = self.layer.enabled
+        self.layer.enabled = False
+        try:
+            yield
+        finally:
+            self.layer.enabled = was

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from memoir.batching import build_batch
+from memoir.baselines._train import train_on_target
 from memoir.models import locate_target
 
 
@@ -86,26 +87,15 @@ class FTEditor:
         labels = batch.input_ids[:, -n_t:]
         w = self.weight
         w.requires_grad_(True)
-        opt = torch.optim.Adam([w], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps, loss_value = 0, float("nan")
+        def constrain():
+            if cfg.norm_constraint:
+                with torch.no_grad():
+                    eps = cfg.norm_constraint
+                    w.copy_(torch.clamp(w, self.original - eps, self.original + eps))
+
         try:
-            with torch.enable_grad():
-                for _ in range(cfg.n_iter):
-                    logits = self.model(
-                        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-                    ).logits[:, -(n_t + 1) : -1]
-                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
-                    loss_value = float(loss.detach())
-                    if loss_value < cfg.early_stop_loss:
-                        break
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    steps += 1
-                    if cfg.norm_constraint:
-                        with torch.no_grad():
-                            eps = cfg.norm_constraint
-                            w.copy_(torch.clamp(w, self.original - eps, self.original + eps))
+            steps, loss_value = train_on_target(self.model, batch, labels, w, cfg.n_iter, cfg.lr,
+                                                cfg.early_stop_loss, cfg.weight_decay, constrain)
         finally:
             w.requires_grad_(False)
             w.grad = None

@@ -22,7 +22,6 @@ teacher forcing and each decode step.  Routing is vectorised over rows (``torch.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from memoir.batching import build_batch
+from memoir.baselines._train import train_on_target
 from memoir.models import locate_target
 from memoir.routing import PromptRouting
 
@@ -191,15 +191,6 @@ class GraceEditor(PromptRouting):
     def device(self):
         return self.layer.base.weight.device
 
-    @contextlib.contextmanager
-    def disabled(self):
-        was = self.layer.enabled
-        self.layer.enabled = False
-        try:
-            yield
-        finally:
-            self.layer.enabled = was
-
     # ------------------------------------------------------------------ editing
     def _codebook_slot(self, key: torch.Tensor, init_value: torch.Tensor, label: str):
         """Update keys/radii for a new edit; returns (slot whose value is trained, action)."""
@@ -262,23 +253,10 @@ class GraceEditor(PromptRouting):
             init = torch.rand(out.shape[-1], generator=self._gen).to(out.device)
         slot, action = self._codebook_slot(key, init, target.strip())
         value = nn.Parameter(self.layer.values[slot].clone())
-        opt = torch.optim.Adam([value], lr=cfg.lr)
-        steps, loss_value = 0, float("nan")
         self.layer._forced = (pos, value)
         try:
-            with torch.enable_grad():
-                for _ in range(cfg.n_iter):
-                    logits = self.model(
-                        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-                    ).logits[:, -(n_t + 1) : -1]
-                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
-                    loss_value = float(loss.detach())
-                    if loss_value < cfg.early_stop_loss:
-                        break
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    steps += 1
+            steps, loss_value = train_on_target(self.model, batch, labels, value, cfg.n_iter, cfg.lr,
+                                                cfg.early_stop_loss)
         finally:
             self.layer._forced = None
         with torch.no_grad():
