@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
-import inspect
 import logging
 import os
 import time
@@ -17,6 +16,7 @@ from memoir.batching import Batch, build_batch
 from memoir.config import MemoirConfig
 from memoir.layer import MemoirLayer
 from memoir.models import Target, locate_target
+from memoir.replay import capture_below, contiguous_head, keep_logits, replaying_below
 from memoir.routing import PromptRouting
 from memoir.tophash import make_permutation
 
@@ -64,28 +64,6 @@ class Retrieval:
 def default_background_texts() -> list[str]:
     text = importlib.resources.files("memoir").joinpath("data/background.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-class _Replay(nn.Module):
-    """Stands in for a frozen decoder layer below the edit: returns a cached output.
-
-    Unknown attributes (e.g. ``attention_type`` read by the model's layer loop) come from
-    the original layer, which is not registered as a child.
-    """
-
-    def __init__(self, original: nn.Module, output):
-        super().__init__()
-        object.__setattr__(self, "_original", original)
-        object.__setattr__(self, "_output", output)
-
-    def forward(self, *args, **kwargs):
-        return self._output
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_original"), name)
 
 
 class MemoirEditor(PromptRouting):
@@ -137,7 +115,6 @@ class MemoirEditor(PromptRouting):
         self._templates: list[str] | None = None
         self.edits: dict[int, EditRequest] = {}
         self._next_id = 0
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -239,22 +216,12 @@ class MemoirEditor(PromptRouting):
         cfg = self.config
         rows = [tpl.format(request.prompt) for tpl in self.context_templates()]
         batch = build_batch(self.tokenizer, rows, request.target, device=self.device)
-        layers_below = self.target.layer_index
 
         # One frozen pass: the edit's mask (from row 0's prompt) and the input of the edit layer.
-        replay_output = []
-        hook = None
-        if not cfg.full_forward and layers_below > 0:
-            hook = self.target.layers[layers_below - 1].register_forward_hook(
-                lambda m, i, o: replay_output.append(o)
-            )
-        try:
-            with torch.no_grad(), self.disabled(), self._capture_input() as seen:
-                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                           **self._keep_kwargs(1))
-        finally:
-            if hook is not None:
-                hook.remove()
+        with torch.no_grad(), self.disabled(), self._capture_input() as seen, \
+                capture_below(self.target, enabled=not cfg.full_forward) as replay_output:
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                       **keep_logits(self.model, 1))
         acts = seen[0].reshape(*batch.input_ids.shape, -1)
         cols, dense, packed = self.layer.query_masks(acts[:1], batch.prompt_mask[:1])
         owners_before = self.layer.column_usage() if self.config.column_protection > 0 else None
@@ -291,25 +258,6 @@ class MemoirEditor(PromptRouting):
         self.edits[edit_id] = request
         return edit_id
 
-    def _keep_kwargs(self, n: int) -> dict:
-        return {"logits_to_keep": n} if self._keeps_logits else {}
-
-    @contextlib.contextmanager
-    def _replaying_below(self, output):
-        """Replace the frozen layers below the edit by stand-ins returning their cached output."""
-        if output is None:
-            yield
-            return
-        layers = self.target.layers
-        originals = [layers[i] for i in range(self.target.layer_index)]
-        try:
-            for i, layer in enumerate(originals):
-                layers[i] = _Replay(layer, output)
-            yield
-        finally:
-            for i, layer in enumerate(originals):
-                layers[i] = layer
-
     def _optimise(self, batch: Batch, mask: torch.Tensor, replay_output, owners_before=None):
         cfg = self.config
         memory = self.layer.memory
@@ -320,23 +268,19 @@ class MemoirEditor(PromptRouting):
         # n_target + 1 positions' logits are needed; the full_forward path computes all of them
         # like the reference loop does.
         labels = batch.input_ids[:, -n_target:]
-        keep = {} if cfg.full_forward else self._keep_kwargs(n_target + 1)
+        keep = {} if cfg.full_forward else keep_logits(self.model, n_target + 1)
         grad_scale = None
         if owners_before is not None:
             grad_scale = 1.0 / (1.0 + cfg.column_protection * owners_before.to(memory.device, memory.dtype))
         steps, prev, loss_value = 0, None, float("nan")
         memory.requires_grad_(True)
         self.layer.force_mask(mask)
-        # logits_to_keep hands the output head a strided slice, which matmul runs as a slow
-        # batched GEMM on CPU (measured: most of an edit's time); a contiguous copy avoids it.
-        head = self.model.get_output_embeddings()
-        head_hook = head.register_forward_pre_hook(lambda m, args: (args[0].contiguous(), *args[1:]))
         # Tiny gradients into a zero-initialised memory are denormal floats, which run many
         # times slower on x86 CPUs; flush them to zero while editing (torch has no getter, so
         # the setting is switched back off afterwards).
         flushing = memory.device.type == "cpu" and torch.set_flush_denormal(True)
         try:
-            with self._replaying_below(replay_output), torch.enable_grad():
+            with replaying_below(self.target, replay_output), contiguous_head(self.model), torch.enable_grad():
                 for _ in range(cfg.n_iter):
                     logits = self.model(
                         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **keep
@@ -365,7 +309,6 @@ class MemoirEditor(PromptRouting):
         finally:
             if flushing:
                 torch.set_flush_denormal(False)
-            head_hook.remove()
             self.layer.force_mask(None)
             memory.requires_grad_(False)
             memory.grad = None
@@ -391,7 +334,7 @@ class MemoirEditor(PromptRouting):
             prompts = [prompts]
         batch = build_batch(self.tokenizer, prompts, device=self.device)
         self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                   **self._keep_kwargs(1))
+                   **keep_logits(self.model, 1))
         scores = self.layer.last_scores.tolist()
         rows = self.layer.last_rows.tolist()
         ids = self.layer.bank.edit_ids

@@ -387,6 +387,40 @@ def test_ft_changes_only_the_layer_and_restores(tiny):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["ft", "grace"])
+def test_baselines_replay_equals_plain_training(tiny, method, monkeypatch):
+    """Replaying the frozen layers below the edit changes the speed, not the edit."""
+    import copy
+
+    from memoir.baselines import FTConfig, FTEditor, GraceConfig, GraceEditor
+    from memoir.baselines import _train
+
+    model, tok = tiny
+    make = {"ft": lambda m: FTEditor(m, tok, FTConfig(layer=2, n_iter=6, lr=1e-2)),
+            "grace": lambda m: GraceEditor(m, tok, GraceConfig(layer=2, n_iter=6))}[method]
+    fast_model, slow_model = copy.deepcopy(model), copy.deepcopy(model)
+    fast = make(fast_model)
+    real = _train.train_on_target
+    seen_targets = []
+
+    def plain(*args, target=None, **kwargs):  # the same loop without the shortcuts
+        seen_targets.append(target)
+        return real(*args, **kwargs)
+
+    rf = fast.edit("The capital of France is", "Rome")
+    monkeypatch.setattr(_train, "train_on_target", plain)
+    monkeypatch.setattr(f"memoir.baselines.{method if method == 'ft' else 'grace'}.train_on_target", plain)
+    slow = make(slow_model)
+    rs = slow.edit("The capital of France is", "Rome")
+    assert seen_targets and seen_targets[0] is not None  # the editor asks for the shortcut
+    assert rf.steps == rs.steps and rf.loss == pytest.approx(rs.loss, rel=1e-4, abs=1e-6)
+    for (k, a), b in zip(fast_model.state_dict().items(), slow_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+    if method == "grace":
+        torch.testing.assert_close(fast.layer.values, slow.layer.values, rtol=1e-4, atol=1e-6)
+    assert all(type(l).__name__ != "_Replay" for l in fast.target.layers)
+
+
 # ----------------------------------------------------------------------------- the CLI, end to end
 CLI_DATA = [
     dict(ZSRE),

@@ -95,7 +95,7 @@ class FTEditor:
 
         try:
             steps, loss_value = train_on_target(self.model, batch, labels, w, cfg.n_iter, cfg.lr,
-                                                cfg.early_stop_loss, cfg.weight_decay, constrain)
+                                                cfg.early_stop_loss, cfg.weight_decay, constrain, target=self.target)
         finally:
             w.requires_grad_(False)
             w.grad = None

@@ -256,7 +256,7 @@ class GraceEditor(PromptRouting):
         self.layer._forced = (pos, value)
         try:
             steps, loss_value = train_on_target(self.model, batch, labels, value, cfg.n_iter, cfg.lr,
-                                                cfg.early_stop_loss)
+                                                cfg.early_stop_loss, target=self.target)
         finally:
             self.layer._forced = None
         with torch.no_grad():
