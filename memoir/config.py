@@ -49,6 +49,9 @@ class MemoirConfig:
     # > 0: a column already owned by u earlier edits gets its gradient scaled by 1 / (1 + p*u),
     # so a new edit prefers its fresh columns and overwrites less of the old ones.
     column_protection: float = 0.0
+    # > 0: each edit's gradient is projected so that the keys of the m earlier edits it would
+    # move most keep their memory output exactly (memoir/preserve.py); 0 = off (reference).
+    preserve_neighbours: int = 0
     extra: dict = field(default_factory=dict)  # free-form notes carried with a preset
 
     def __post_init__(self):
@@ -72,6 +75,8 @@ class MemoirConfig:
             bad("lr", self.lr, "must be > 0")
         if not isinstance(self.num_context_templates, int) or not 0 <= self.num_context_templates <= 10:
             bad("num_context_templates", self.num_context_templates, "must be an integer in [0, 10]")
+        if not isinstance(self.preserve_neighbours, int) or self.preserve_neighbours < 0:
+            bad("preserve_neighbours", self.preserve_neighbours, "must be a non-negative integer")
         if self.feature_scaling not in FEATURE_SCALINGS:
             bad("feature_scaling", self.feature_scaling, f"must be one of {FEATURE_SCALINGS}")
         if self.decay_scope not in DECAY_SCOPES:

@@ -16,6 +16,7 @@ from memoir.batching import Batch, build_batch
 from memoir.config import MemoirConfig
 from memoir.layer import MemoirLayer
 from memoir.models import Target, locate_target
+from memoir.preserve import KeyStore, project_out
 from memoir.replay import capture_below, contiguous_head, keep_logits, replaying_below
 from memoir.routing import PromptRouting
 from memoir.tophash import make_permutation
@@ -53,6 +54,7 @@ class EditResult:
     steps: int
     loss: float
     seconds: float
+    preserved: tuple[int, ...] = ()  # earlier edits whose keys this edit's update left unchanged
 
 
 @dataclass
@@ -114,6 +116,7 @@ class MemoirEditor(PromptRouting):
         self._install_routing()
         self._templates: list[str] | None = None
         self.edits: dict[int, EditRequest] = {}
+        self.keys = KeyStore()  # filled only when preserve_neighbours > 0
         self._next_id = 0
 
     # ------------------------------------------------------------------ plumbing
@@ -225,14 +228,25 @@ class MemoirEditor(PromptRouting):
         acts = seen[0].reshape(*batch.input_ids.shape, -1)
         cols, dense, packed = self.layer.query_masks(acts[:1], batch.prompt_mask[:1])
         owners_before = self.layer.column_usage() if self.config.column_protection > 0 else None
-        bank_before = (self.layer.bank.words.clone(), list(self.layer.bank.edit_ids), dict(self.edits))
+        keys, preserved, basis = None, [], None
+        if cfg.preserve_neighbours > 0:
+            # Keys: the bare prompt row's inputs at the positions that predict the target tokens.
+            positions = batch.target_mask[0, 1:].nonzero().squeeze(1)
+            keys = acts[0, positions].float() * dense[0].to(acts.device, torch.float32)
+        bank_before = (self.layer.bank.words.clone(), list(self.layer.bank.edit_ids), dict(self.edits),
+                       dict(self.keys.keys))
         memory = self.layer.memory
         # Only these columns (plus whole-matrix weight decay) change: enough to undo a failed edit.
         saved = memory.detach()[:, cols[0]].clone() if cfg.decay_scope != "all" else memory.detach().clone()
-        edit_id = self._store_mask(packed[0], request)
+        edit_id = self._store_mask(packed[0], request)  # drops the keys of an edit it replaces
         try:
+            if keys is not None:
+                preserved = self.keys.neighbours(keys.mean(0), cols[0], cfg.preserve_neighbours)
+                basis = self.keys.basis(preserved, cols[0])
             steps, loss = self._optimise(batch, dense[0], replay_output[0] if replay_output else None,
-                                         owners_before)
+                                         owners_before, cols[0], basis)
+            if keys is not None:
+                self.keys.add(edit_id, keys)
         except BaseException:  # interrupted or failed: leave the memory and bank as they were
             with torch.no_grad():
                 if cfg.decay_scope != "all":
@@ -240,9 +254,10 @@ class MemoirEditor(PromptRouting):
                 else:
                     memory.copy_(saved)
             self.layer.bank.load(*bank_before[:2])
-            self.edits = bank_before[2]
+            self.edits, self.keys.keys = bank_before[2], bank_before[3]
             raise
-        return EditResult(edit_id, request.prompt, request.target, steps, loss, time.perf_counter() - start)
+        return EditResult(edit_id, request.prompt, request.target, steps, loss, time.perf_counter() - start,
+                          tuple(preserved))
 
     def _store_mask(self, packed: torch.Tensor, request: EditRequest) -> int:
         edit_id = self._next_id
@@ -255,10 +270,11 @@ class MemoirEditor(PromptRouting):
             old = self.layer.bank.edit_ids[row]
             self.layer.bank.edit_ids[row] = edit_id
             self.edits.pop(old, None)
+            self.keys.pop(old)
         self.edits[edit_id] = request
         return edit_id
 
-    def _optimise(self, batch: Batch, mask: torch.Tensor, replay_output, owners_before=None):
+    def _optimise(self, batch: Batch, mask: torch.Tensor, replay_output, owners_before=None, cols=None, basis=None):
         cfg = self.config
         memory = self.layer.memory
         decay = cfg.weight_decay if cfg.decay_scope == "all" else 0.0
@@ -302,6 +318,9 @@ class MemoirEditor(PromptRouting):
                         memory.grad.mul_(grad_scale)
                     if cfg.decay_scope == "active" and cfg.weight_decay > 0:
                         memory.grad.add_(memory.detach() * mask.to(memory.dtype), alpha=cfg.weight_decay)
+                    if basis is not None:  # last, so decay and protection are projected too
+                        g = memory.grad
+                        g[:, cols] = project_out(g[:, cols], basis.to(g.device, g.dtype))
                     if cfg.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_([memory], cfg.grad_clip)
                     opt.step()

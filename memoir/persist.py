@@ -50,6 +50,7 @@ def save_editor(editor, path) -> None:
             "permutation": layer.permutation.cpu(),
             "background_mean": layer.background_mean.cpu(),
             "background_std": layer.background_std.cpu(),
+            **editor.keys.state(),
         }
         save_file(state, str(tmp / STATE_FILE))
         meta = {
@@ -111,6 +112,7 @@ def load_editor(cls, model, tokenizer, path):
             layer.permutation.copy_(state["permutation"])
         layer.bank.load(state["bank_words"], state["bank_edit_ids"].tolist())
         editor.edits = {e["edit_id"]: EditRequest(e["prompt"], e["target"]) for e in meta["edits"]}
+        editor.keys.load(state, layer.memory.device)
         editor._next_id = int(meta["next_edit_id"])
         editor._templates = meta.get("context_templates")
     except BaseException:

@@ -1,0 +1,112 @@
+"""Neighbour preservation: projected edits leave the protected edits' memory outputs unchanged."""
+import pytest
+import torch
+
+from memoir import MemoirConfig, MemoirEditor
+from memoir.preserve import KeyStore, project_out
+from tiny import tiny_model
+
+BACKGROUND = ["the city of paris is in france", "who wrote the book ?", "the river nile is long",
+              "what is the capital of japan ?", "i live in london", "yes the answer is no"]
+# Two edits about one subject (their masks share most columns), then an unrelated one.
+EDITS = [("the eiffel tower is located in the city of", "rome"),
+         ("the eiffel tower is found in the city of", "berlin"),
+         ("who wrote the book ?", "london")]
+
+
+def _editor(**overrides):
+    model, tok = tiny_model("llama")
+    cfg = MemoirConfig(**{"n_iter": 20, "num_context_templates": 2, "threshold": 0.6, "layer": 2,
+                          "decay_scope": "active", "weight_decay": 1e-3, **overrides})
+    return MemoirEditor(model, tok, cfg, background_texts=BACKGROUND)
+
+
+def _memory_out(editor, edit_id):
+    return editor.layer.memory.detach() @ editor.keys.keys[edit_id].T
+
+
+def test_keystore_neighbours_and_basis():
+    store = KeyStore()
+    d = 8
+    store.add(0, torch.eye(d)[:2] * 3)  # aligned with the query inside the columns
+    store.add(1, torch.eye(d)[4:5])  # lives in the columns, orthogonal to the query
+    store.add(2, torch.eye(d)[6:7])  # outside the columns: never picked
+    cols = torch.tensor([0, 1, 4, 5])
+    query = torch.zeros(d)
+    query[0] = 1.0
+    assert store.neighbours(query, cols, 5) == [0]
+    assert store.neighbours(query, cols, 0) == [] and KeyStore().neighbours(query, cols, 3) == []
+    q = store.basis([0, 1], cols)
+    assert q.shape == (4, 3)
+    torch.testing.assert_close(q.T @ q, torch.eye(3))
+    g = torch.randn(5, 4)
+    projected = project_out(g, q)
+    torch.testing.assert_close(projected @ q, torch.zeros(5, 3), atol=1e-6, rtol=0)
+    assert store.basis([], cols) is None
+    # Round trip through the saved state, order and counts kept.
+    again = KeyStore()
+    again.load(store.state())
+    assert list(again.keys) == [0, 1, 2] and all(torch.equal(again.keys[i], store.keys[i]) for i in store.keys)
+    empty = KeyStore()
+    empty.load({})
+    assert len(empty) == 0 and KeyStore().state() == {}
+
+
+@pytest.mark.parametrize("protection", [0.0, 1.0])
+def test_preserved_edit_output_is_unchanged(protection):
+    editor = _editor(preserve_neighbours=2, column_protection=protection)
+    first = editor.edit(*EDITS[0])
+    assert first.preserved == ()
+    before = _memory_out(editor, first.edit_id)
+    second = editor.edit(*EDITS[1])
+    assert second.preserved == (first.edit_id,) and second.steps > 0
+    # Edit 0's memory output at its keys is kept although edit 1 wrote shared columns.
+    torch.testing.assert_close(_memory_out(editor, first.edit_id), before, rtol=1e-4, atol=1e-5)
+    shared = editor.layer.column_usage()
+    assert int((shared == 2).sum()) > 0, "the two edits share no column: the test is vacuous"
+
+
+def test_without_preservation_the_shared_columns_move():
+    editor = _editor(preserve_neighbours=0)
+    editor.edit(*EDITS[0])
+    assert len(editor.keys) == 0  # keys are kept only when the option is on
+    probe = _editor(preserve_neighbours=1)
+    probe.edit(*EDITS[0])
+    before = _memory_out(probe, 0)
+    editor.layer.memory.data.copy_(probe.layer.memory.data)
+    editor.edit(*EDITS[1])
+    after = editor.layer.memory.detach() @ probe.keys.keys[0].T
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_keys_survive_save_load(tmp_path):
+    editor = _editor(preserve_neighbours=2)
+    for p, t in EDITS[:2]:
+        editor.edit(p, t)
+    editor.save(tmp_path / "mem")
+    model, tok = tiny_model("llama")
+    loaded = MemoirEditor.load(model, tok, tmp_path / "mem")
+    assert list(loaded.keys.keys) == list(editor.keys.keys)
+    for i in editor.keys.keys:
+        torch.testing.assert_close(loaded.keys.keys[i], editor.keys.keys[i])
+    # Later edits on the reloaded memory still protect the earlier ones.
+    before = _memory_out(loaded, 1)
+    r = loaded.edit("the eiffel tower sits in the city of", "paris")
+    assert 1 in r.preserved
+    torch.testing.assert_close(_memory_out(loaded, 1), before, rtol=1e-4, atol=1e-5)
+
+
+def test_replaced_edit_drops_its_keys():
+    editor = _editor(preserve_neighbours=2)
+    a = editor.edit(*EDITS[0])
+    b = editor.edit(EDITS[0][0], "paris")  # the same prompt again: the new edit owns the mask
+    assert a.edit_id not in editor.keys.keys and b.edit_id in editor.keys.keys
+    assert b.preserved == () and b.steps > 0  # not held back by the edit it replaces
+    assert editor.generate(EDITS[0][0], max_new_tokens=2).strip().startswith("paris")
+
+
+def test_config_rejects_bad_preserve_neighbours():
+    with pytest.raises(ValueError, match="preserve_neighbours"):
+        MemoirConfig(preserve_neighbours=-1)
+    with pytest.raises(ValueError, match="preserve_neighbours"):
+        MemoirConfig(preserve_neighbours=1.5)
