@@ -31,7 +31,7 @@ class MemoirConfig:
 
     layer: int | None = None
     top_k: int | None = None
-    threshold: float = 0.4
+    threshold: float | str = 0.4  # or "auto": calibrated against background texts (see editor)
     aggregation: str = "mean_decentered"
     n_iter: int = 30
     lr: float = 1.0
@@ -52,6 +52,8 @@ class MemoirConfig:
     # > 0: each edit's gradient is projected so that the keys of the m earlier edits it would
     # move most keep their memory output exactly (memoir/preserve.py); 0 = off (reference).
     preserve_neighbours: int = 0
+    # threshold "auto": tau = the best overlap any background text reaches against the bank, plus this.
+    threshold_margin: float = 0.02
     extra: dict = field(default_factory=dict)  # free-form notes carried with a preset
 
     def __post_init__(self):
@@ -62,8 +64,16 @@ class MemoirConfig:
             bad("layer", self.layer, "must be a non-negative layer index or None")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             bad("top_k", self.top_k, "must be a positive integer or None")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            bad("threshold", self.threshold, "tau must lie in [0, 1]")
+        if self.threshold != "auto":
+            try:
+                tau = float(self.threshold)
+            except (TypeError, ValueError):
+                tau = float("nan")
+            if not 0.0 <= tau <= 1.0:
+                bad("threshold", self.threshold, "tau must lie in [0, 1] or be 'auto'")
+            self.threshold = tau
+        if not 0.0 <= float(self.threshold_margin) <= 1.0:
+            bad("threshold_margin", self.threshold_margin, "must lie in [0, 1]")
         if self.aggregation not in AGGREGATIONS:
             bad("aggregation", self.aggregation, f"must be one of {AGGREGATIONS}")
         if not isinstance(self.n_iter, int) or self.n_iter < 0:
@@ -81,7 +91,6 @@ class MemoirConfig:
             bad("feature_scaling", self.feature_scaling, f"must be one of {FEATURE_SCALINGS}")
         if self.decay_scope not in DECAY_SCOPES:
             bad("decay_scope", self.decay_scope, f"must be one of {DECAY_SCOPES}")
-        self.threshold = float(self.threshold)
 
     # ------------------------------------------------------------------ derived values
     def resolve(self, num_layers: int, input_dim: int) -> "MemoirConfig":

@@ -105,7 +105,7 @@ class MemoirEditor(PromptRouting):
             target.in_features,
             target.out_features,
             top_k=self.config.top_k,
-            threshold=self.config.threshold,
+            threshold=1.0 if self.config.threshold == "auto" else self.config.threshold,
             aggregation=self.config.aggregation,
             feature_scaling=self.config.feature_scaling,
             permutation=make_permutation(target.in_features, self.config.seed),
@@ -118,11 +118,52 @@ class MemoirEditor(PromptRouting):
         self.edits: dict[int, EditRequest] = {}
         self.keys = KeyStore()  # filled only when preserve_neighbours > 0
         self._next_id = 0
+        # threshold "auto": the masks of the background texts calibrate tau against the bank.
+        self._background_texts = background_texts or default_background_texts()
+        self._background_masks: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ plumbing
     @property
     def device(self) -> torch.device:
         return self.layer.memory.device
+
+    @property
+    def threshold(self) -> float:
+        """The retrieval threshold tau in force (calibrated after every edit under ``"auto"``)."""
+        return self.layer.threshold
+
+    @torch.no_grad()
+    def background_masks(self, batch_size: int = 16) -> torch.Tensor:
+        """Packed TopHash masks ``[T, W]`` of the background texts (computed once, frozen model)."""
+        if self._background_masks is None:
+            packed = []
+            texts = self._background_texts
+            with self.disabled(), self._capture_input() as seen:
+                for i in range(0, len(texts), batch_size):
+                    batch = build_batch(self.tokenizer, texts[i : i + batch_size], device=self.device)
+                    seen.clear()
+                    self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                               **keep_logits(self.model, 1))
+                    acts = seen[0].reshape(*batch.input_ids.shape, -1)
+                    packed.append(self.layer.query_masks(acts, batch.prompt_mask)[2])
+            self._background_masks = torch.cat(packed)
+        return self._background_masks
+
+    def calibrate_threshold(self) -> float:
+        """Under ``threshold: auto`` set tau just above the best overlap any background text reaches.
+
+        Background texts stand for unrelated prompts: a query that overlaps the bank no more than
+        they do should get the unedited model.  The bound rises with the bank (more chances of a
+        chance overlap), so it is recomputed after every edit.  Fixed thresholds are left alone.
+        """
+        if self.config.threshold != "auto":
+            return self.layer.threshold
+        if len(self.layer.bank) == 0:
+            self.layer.threshold = 1.0
+        else:
+            scores, _ = self.layer.bank.best_match(self.background_masks().to(self.device), 0.0)
+            self.layer.threshold = min(1.0, float(scores.max()) + self.config.threshold_margin)
+        return self.layer.threshold
 
     @contextlib.contextmanager
     def _capture_input(self):
@@ -247,6 +288,7 @@ class MemoirEditor(PromptRouting):
                                          owners_before, cols[0], basis)
             if keys is not None:
                 self.keys.add(edit_id, keys)
+            self.calibrate_threshold()
         except BaseException:  # interrupted or failed: leave the memory and bank as they were
             with torch.no_grad():
                 if cfg.decay_scope != "all":

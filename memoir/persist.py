@@ -52,6 +52,8 @@ def save_editor(editor, path) -> None:
             "background_std": layer.background_std.cpu(),
             **editor.keys.state(),
         }
+        if editor.config.threshold == "auto":
+            state["background_masks"] = editor.background_masks().contiguous().cpu()
         save_file(state, str(tmp / STATE_FILE))
         meta = {
             "format": FORMAT,
@@ -113,6 +115,9 @@ def load_editor(cls, model, tokenizer, path):
         layer.bank.load(state["bank_words"], state["bank_edit_ids"].tolist())
         editor.edits = {e["edit_id"]: EditRequest(e["prompt"], e["target"]) for e in meta["edits"]}
         editor.keys.load(state, layer.memory.device)
+        if "background_masks" in state:
+            editor._background_masks = state["background_masks"].to(layer.memory.device)
+        editor.calibrate_threshold()
         editor._next_id = int(meta["next_edit_id"])
         editor._templates = meta.get("context_templates")
     except BaseException:

@@ -11,7 +11,7 @@ import torch
 
 from memoir.ops import pack_bits
 
-AGGREGATIONS = ("mean_decentered", "mean", "last")
+AGGREGATIONS = ("mean_decentered", "mean", "last", "maxabs_decentered")
 
 
 def prompt_features(
@@ -23,7 +23,9 @@ def prompt_features(
     """Aggregate activations [B, S, D] over each row's prompt span [B, S] (bool) -> [B, D].
 
     ``mean``: masked mean over the span; ``mean_decentered``: that minus the background mean;
-    ``last``: the activation at the last position of the span.
+    ``last``: the activation at the last position of the span; ``maxabs_decentered``: per feature
+    the largest |activation - background mean| over the span (a feature that spikes on one token,
+    e.g. of the subject, counts fully instead of being averaged with the question's wording).
     Rows with an empty span get a zero feature.
     """
     if aggregation not in AGGREGATIONS:
@@ -35,6 +37,11 @@ def prompt_features(
         last = torch.where(span.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values.clamp_min(0)
         feat = acts[torch.arange(acts.shape[0], device=acts.device), last]
         return feat.float() * span.any(dim=1, keepdim=True)
+    if aggregation == "maxabs_decentered":
+        dev = acts.float()
+        if background is not None:
+            dev = dev - background.to(acts.device, torch.float32)
+        return dev.abs().masked_fill(~span.bool()[..., None], 0.0).amax(dim=1)
     w = span.to(torch.float32)
     total = torch.einsum("bs,bsd->bd", w, acts.float())
     feat = total / w.sum(dim=1, keepdim=True).clamp_min(1.0)

@@ -22,6 +22,15 @@ from memoir.eval.datasets import FORMATS
 log = logging.getLogger(__name__)
 
 
+def _threshold(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threshold must be a number in [0, 1] or 'auto', got {text!r}") from None
+
+
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval",
@@ -41,7 +50,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         "--model smollm2, the reference config otherwise")
     p.add_argument("--layer", type=int, default=None, help="edited layer (overrides the config)")
     p.add_argument("--n-iter", type=int, default=None, help="optimisation steps per edit, all methods (overrides)")
-    p.add_argument("--threshold", type=float, default=None, help="MEMOIR retrieval threshold tau (overrides)")
+    p.add_argument("--threshold", type=_threshold, default=None,
+                   help="MEMOIR retrieval threshold tau in [0, 1] or 'auto' (overrides the config)")
     p.add_argument("--ft-lr", type=float, default=None, help="FT-L Adam learning rate (default 5e-4)")
     p.add_argument("--grace-eps", type=float, default=None, help="GRACE initial deferral radius (default 1.0)")
     p.add_argument("--grace-lr", type=float, default=None, help="GRACE value learning rate (default 1.0)")

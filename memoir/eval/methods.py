@@ -69,7 +69,8 @@ class MemoirMethod(_Base):
         return out
 
     def config_dict(self) -> dict:
-        return self.editor.config.to_dict()
+        # The tau in force at the end (differs from the config's under threshold "auto").
+        return {**self.editor.config.to_dict(), "threshold_final": self.editor.threshold}
 
 
 class FTMethod(_Base):
