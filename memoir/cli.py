@@ -71,6 +71,8 @@ def cmd_demo(args) -> int:
         r = editor.edit(p, target)
         print(f"  [{r.edit_id}] {p!r} -> {target!r}: {r.steps} steps, loss {r.loss:.3f}, {r.seconds:.1f}s", flush=True)
     t_edit = time.perf_counter() - t0
+    if cfg.threshold == "auto":
+        print(f"  tau calibrated on the background texts: {editor.threshold:.3f}")
 
     t0 = time.perf_counter()
     after = editor.generate(prompts, max_new_tokens=args.max_new_tokens)
