@@ -330,6 +330,8 @@ class MemoirEditor(PromptRouting):
         grad_scale = None
         if owners_before is not None:
             grad_scale = 1.0 / (1.0 + cfg.column_protection * owners_before.to(memory.device, memory.dtype))
+        if basis is not None:
+            basis = basis.to(memory.device, memory.dtype)
         steps, prev, loss_value = 0, None, float("nan")
         memory.requires_grad_(True)
         self.layer.force_mask(mask)
@@ -362,7 +364,7 @@ class MemoirEditor(PromptRouting):
                         memory.grad.add_(memory.detach() * mask.to(memory.dtype), alpha=cfg.weight_decay)
                     if basis is not None:  # last, so decay and protection are projected too
                         g = memory.grad
-                        g[:, cols] = project_out(g[:, cols], basis.to(g.device, g.dtype))
+                        g[:, cols] = project_out(g[:, cols], basis)
                     if cfg.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_([memory], cfg.grad_clip)
                     opt.step()

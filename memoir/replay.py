@@ -7,6 +7,7 @@ the FT-L / GRACE baselines share these, so their timings compare like with like.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 from torch import nn
@@ -68,9 +69,14 @@ def replaying_below(target, output):
             layers[i] = layer
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def keep_logits(model: nn.Module, n: int) -> dict:
     """``logits_to_keep=n`` for models whose forward takes it (transformers >= 4.50), else nothing."""
-    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": n} if _takes_logits_to_keep(type(model)) else {}
 
 
 @contextlib.contextmanager
