@@ -52,6 +52,10 @@ class MemoirConfig:
     # > 0: each edit's gradient is projected so that the keys of the m earlier edits it would
     # move most keep their memory output exactly (memoir/preserve.py); 0 = off (reference).
     preserve_neighbours: int = 0
+    # Only earlier edits whose stored mask shares at least this fraction of the new mask's k columns
+    # are candidates (0 = any shared column).  Conflicting edits (same subject) share 50-80 %,
+    # unrelated ones ~22 % on SmolLM2: gating keeps the projection for real conflicts only.
+    preserve_min_overlap: float = 0.0
     # threshold "auto": tau = the best overlap any background text reaches against the bank, plus this.
     threshold_margin: float = 0.02
     extra: dict = field(default_factory=dict)  # free-form notes carried with a preset
@@ -72,6 +76,8 @@ class MemoirConfig:
             if not 0.0 <= tau <= 1.0:
                 bad("threshold", self.threshold, "tau must lie in [0, 1] or be 'auto'")
             self.threshold = tau
+        if not 0.0 <= float(self.preserve_min_overlap) <= 1.0:
+            bad("preserve_min_overlap", self.preserve_min_overlap, "must lie in [0, 1]")
         if not 0.0 <= float(self.threshold_margin) <= 1.0:
             bad("threshold_margin", self.threshold_margin, "must lie in [0, 1]")
         if self.aggregation not in AGGREGATIONS:

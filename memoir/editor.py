@@ -16,6 +16,7 @@ from memoir.batching import Batch, build_batch
 from memoir.config import MemoirConfig
 from memoir.layer import MemoirLayer
 from memoir.models import Target, locate_target
+from memoir.ops import overlap_counts
 from memoir.preserve import KeyStore, project_out
 from memoir.replay import capture_below, contiguous_head, keep_logits, replaying_below
 from memoir.routing import PromptRouting
@@ -282,7 +283,8 @@ class MemoirEditor(PromptRouting):
         edit_id = self._store_mask(packed[0], request)  # drops the keys of an edit it replaces
         try:
             if keys is not None:
-                preserved = self.keys.neighbours(keys.mean(0), cols[0], cfg.preserve_neighbours)
+                preserved = self.keys.neighbours(keys.mean(0), cols[0], cfg.preserve_neighbours,
+                                                 self._conflicting_edits(packed[0], bank_before))
                 basis = self.keys.basis(preserved, cols[0])
             steps, loss = self._optimise(batch, dense[0], replay_output[0] if replay_output else None,
                                          owners_before, cols[0], basis)
@@ -300,6 +302,17 @@ class MemoirEditor(PromptRouting):
             raise
         return EditResult(edit_id, request.prompt, request.target, steps, loss, time.perf_counter() - start,
                           tuple(preserved))
+
+    def _conflicting_edits(self, packed: torch.Tensor, bank_before) -> list[int] | None:
+        """Earlier edits whose masks share >= ``preserve_min_overlap`` of the new mask's columns."""
+        gate = float(self.config.preserve_min_overlap)
+        words, edit_ids = bank_before[0], bank_before[1]
+        if gate <= 0:
+            return None
+        if not edit_ids:
+            return []
+        shared = overlap_counts(packed[None].to(words.device), words)[0].float() / self.layer.top_k
+        return [edit_ids[i] for i in (shared >= gate).nonzero().flatten().tolist()]
 
     def _store_mask(self, packed: torch.Tensor, request: EditRequest) -> int:
         edit_id = self._next_id

@@ -31,16 +31,19 @@ class KeyStore:
     def pop(self, edit_id: int) -> None:
         self.keys.pop(edit_id, None)
 
-    def neighbours(self, key: torch.Tensor, cols: torch.Tensor, m: int) -> list[int]:
+    def neighbours(self, key: torch.Tensor, cols: torch.Tensor, m: int, candidates=None) -> list[int]:
         """The ``m`` edit ids whose mean key is most aligned with ``key`` inside columns ``cols``.
+
+        ``candidates`` (an iterable of edit ids) restricts the choice, e.g. to the edits whose masks
+        overlap the new one enough to conflict with it; ``None`` = every stored edit.
 
         Score: ``|<key[S], mean_j[S]>| / (|key[S]| |mean_j|)``, the relative change of edit ``j``'s
         memory input that a step along ``key`` causes; edits with no shared column score 0 and are
         never picked.
         """
-        if m <= 0 or not self.keys:
+        ids = list(self.keys) if candidates is None else [i for i in candidates if i in self.keys]
+        if m <= 0 or not ids:
             return []
-        ids = list(self.keys)
         means = torch.stack([self.keys[i].mean(0) for i in ids]).to(key.device)  # [N, D]
         q = key.float()[cols]
         dots = means[:, cols] @ q

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from memoir import MemoirConfig, MemoirEditor
+from memoir.ops import overlap_counts
 from memoir.preserve import KeyStore, project_out
 from tiny import tiny_model
 
@@ -105,8 +106,35 @@ def test_replaced_edit_drops_its_keys():
     assert editor.generate(EDITS[0][0], max_new_tokens=3).strip().startswith("paris")
 
 
+def test_overlap_gate_picks_only_conflicting_edits():
+    """preserve_min_overlap: an earlier edit is protected only if its mask shares enough columns."""
+    probe = _editor(preserve_neighbours=3)
+    for p, t in EDITS:
+        probe.edit(p, t)
+    words, bank_ids = probe.layer.bank.words, probe.layer.bank.edit_ids
+    counts = overlap_counts(words[2:3], words)[0].float() / probe.layer.top_k
+    shared = {bank_ids[i]: float(counts[i]) for i in range(2)}
+    lo, hi = sorted(shared.values())
+    assert hi > lo, "both earlier masks overlap the third equally: the gate cannot be tested"
+    gate = (lo + hi) / 2
+    # Same stream with a gate between the two overlaps: only the closer mask is a candidate.
+    gated = _editor(preserve_neighbours=3, preserve_min_overlap=gate)
+    for p, t in EDITS[:2]:
+        gated.edit(p, t)
+    last = gated.edit(*EDITS[2])
+    closer = max(shared, key=shared.get)
+    assert last.preserved == (closer,)
+    # A gate above every overlap protects nothing; 0 keeps the ungated choice.
+    none = _editor(preserve_neighbours=3, preserve_min_overlap=min(1.0, hi + 1e-3))
+    for p, t in EDITS[:2]:
+        none.edit(p, t)
+    assert none.edit(*EDITS[2]).preserved == ()
+
+
 def test_config_rejects_bad_preserve_neighbours():
     with pytest.raises(ValueError, match="preserve_neighbours"):
         MemoirConfig(preserve_neighbours=-1)
     with pytest.raises(ValueError, match="preserve_neighbours"):
         MemoirConfig(preserve_neighbours=1.5)
+    with pytest.raises(ValueError, match="preserve_min_overlap"):
+        MemoirConfig(preserve_min_overlap=1.5)
