@@ -512,3 +512,58 @@ def test_memoir_cli_wires_eval(tmp_path, tiny_model_dir):
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["n_edits"] == 2 and res["layer"] == 1 and res["rel_em"] is None and res["config"]["n_iter"] == 2
+
+
+# ----------------------------------------------------------------------------- resumable runs
+class _Crash(RuntimeError):
+    pass
+
+
+def _eval_argv(model_dir, data, method, out, *extra):
+    return ["eval", "--model", str(model_dir), "--data", str(data), "--n", "4", "--method", method, "--n-iter", "3",
+            "--layer", "2", "--threshold", "0.4", "--quiet", "--output", str(out), *extra]
+
+
+@pytest.mark.parametrize("method", ["memoir", "ft", "grace"])
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, method, monkeypatch, capsys):
+    from memoir.eval import methods
+    from memoir.eval.cli_eval import main
+
+    data = _write(tmp_path, "zsre.json", CLI_DATA + [dict(ZSRE, src="The tallest mountain is", alt="Mont Blanc")])
+    whole = tmp_path / "whole.json"
+    assert main(_eval_argv(tiny_model_dir, data, method, whole, "--checkpoint-every", "2")) == 0
+    assert not (tmp_path / "whole.json.partial").exists()  # removed once the results are written
+
+    cls = {"memoir": methods.MemoirMethod, "ft": methods.FTMethod, "grace": methods.GraceMethod}[method]
+    real_edit = cls.edit
+
+    def crashing_edit(self, prompt, target, position):
+        if position == 3:
+            raise _Crash("killed")
+        return real_edit(self, prompt, target, position)
+
+    out = tmp_path / "cut.json"
+    monkeypatch.setattr(cls, "edit", crashing_edit)
+    with pytest.raises(_Crash):
+        main(_eval_argv(tiny_model_dir, data, method, out, "--checkpoint-every", "2"))
+    monkeypatch.setattr(cls, "edit", real_edit)
+    assert (tmp_path / "cut.json.partial").is_dir() and not out.exists()
+    assert "2/4 edits" in capsys.readouterr().err  # the progress line of the last checkpoint
+
+    # Starting over by accident is refused; a different run cannot pick the checkpoint up.
+    assert main(_eval_argv(tiny_model_dir, data, method, out)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(_eval_argv(tiny_model_dir, data, method, out, "--resume", "--n-iter", "2")) == 2
+    assert "differs in: config" in capsys.readouterr().err
+
+    assert main(_eval_argv(tiny_model_dir, data, method, out, "--resume")) == 0
+    a, b = json.loads(whole.read_text()), json.loads(out.read_text())
+    assert b["resumed_at"] == [2] and a["resumed_at"] == []
+    assert not (tmp_path / "cut.json.partial").exists()
+    for ra, rb in zip(a["records"], b["records"]):
+        assert ra["edit"]["loss"] == pytest.approx(rb["edit"]["loss"], rel=1e-4, abs=1e-6)
+        assert ra["edit"]["steps"] == rb["edit"]["steps"]
+        for key in ("rel", "gen", "loc", "rel_em", "gen_em", "pre_rel", "route_rel", "route_gen"):
+            assert ra.get(key) == pytest.approx(rb.get(key)), key
+    for key in ("rel", "gen", "loc", "rel_em", "gen_em", "mean"):
+        assert a[key] == pytest.approx(b[key]), key

@@ -65,6 +65,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--output", required=True, help="results JSON path")
+    p.add_argument("--checkpoint-every", type=int, default=25, metavar="K",
+                   help="save the run's state to OUTPUT.partial/ after the pre-edit pass and every K edits, so "
+                        "--resume can continue an interrupted run (0 = never; default 25)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run saved in OUTPUT.partial/ (same method, config and data)")
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -139,6 +144,7 @@ def cmd_eval(args) -> int:
 
 
 def _eval(args, torch) -> int:
+    from memoir.eval.checkpoint import RunCheckpoint, default_path, run_fingerprint
     from memoir.eval.datasets import kind_of, load_records
     from memoir.eval.methods import build_method
     from memoir.eval.runner import run_sequential
@@ -148,6 +154,14 @@ def _eval(args, torch) -> int:
         raise ValueError("--n must be >= 1")
     if args.eval_every is not None and args.eval_every < 1:
         raise ValueError("--eval-every must be >= 1")
+    if args.checkpoint_every < 0:
+        raise ValueError("--checkpoint-every must be >= 0")
+    ckpt_path = default_path(args.output)
+    if (ckpt_path / "progress.json").exists() and not args.resume:
+        raise ValueError(f"{ckpt_path} holds an interrupted run of this output: pass --resume to continue it, "
+                         "or delete that folder to start over")
+    if args.resume and not (ckpt_path / "progress.json").exists():
+        raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
     torch.manual_seed(args.seed)
     records, fmt = load_records(args.data, args.format, args.n, args.offset)
     if args.n is not None and len(records) < args.n:
@@ -165,12 +179,22 @@ def _eval(args, torch) -> int:
         "command": " ".join(sys.argv),
         "config_source": args.config or (f"preset:{args.preset}" if args.preset else "default"),
     }
+    checkpoint = None
+    if args.checkpoint_every or args.resume:
+        checkpoint = RunCheckpoint(ckpt_path, run_fingerprint(method, records, kind_of(fmt), args.eval_every,
+                                                              not args.no_em))
+
+    def on_checkpoint(done, n, edit_seconds):
+        eta = f", ETA {(n - done) * edit_seconds / done / 60:.0f} min of edits" if done else ""
+        print(f"checkpoint {ckpt_path}: {done}/{n} edits{eta}", file=sys.stderr, flush=True)
+
     # Denormal floats (e.g. in GRACE's value optimisation) slow CPU kernels by 10x or more.
     flushed = torch.set_flush_denormal(True)
     try:
         result = run_sequential(
             method, records, kind_of(fmt), eval_every=args.eval_every, em=not args.no_em,
             batch_size=args.batch_size, progress=not args.quiet, meta=meta,
+            checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, on_checkpoint=on_checkpoint,
         )
     finally:
         if flushed:
@@ -180,6 +204,8 @@ def _eval(args, torch) -> int:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1, default=_json_default))
     tmp.replace(out)
+    if checkpoint is not None:
+        checkpoint.remove()
     print(format_summary(result))
     print(f"wrote {out}")
     return 0

@@ -4,13 +4,16 @@ A method exposes ``model``, ``tokenizer``, ``edit(prompt, target) -> dict``,
 ``logits(batch, keep)`` (teacher-forced forward; MEMOIR/GRACE route each row from
 ``batch.prompt_mask``), ``generate_ids(prompts, max_new_tokens)``, ``routes()`` (which edit each
 row of the last forward was routed to, or None when the method does not route) and
-``config_dict()``.
+``config_dict()``; ``save_state(dir) -> dict`` / ``load_state(dir, info)`` write and restore
+everything the edits so far changed (for resumable runs, ``memoir.eval.checkpoint``).
 """
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from memoir.batching import Batch
 from memoir.eval import metrics
@@ -72,6 +75,17 @@ class MemoirMethod(_Base):
         # The tau in force at the end (differs from the config's under threshold "auto").
         return {**self.editor.config.to_dict(), "threshold_final": self.editor.threshold}
 
+    def save_state(self, path: pathlib.Path) -> dict:
+        self.editor.save(path / "memory")
+        return {"edit_index": {str(k): v for k, v in self.edit_index.items()}}
+
+    def load_state(self, path: pathlib.Path, info: dict) -> None:
+        from memoir.editor import MemoirEditor
+
+        self.editor.detach()
+        self.editor = MemoirEditor.load(self.model, self.tokenizer, path / "memory")
+        self.edit_index = {int(k): v for k, v in info["edit_index"].items()}
+
 
 class FTMethod(_Base):
     name = "ft"
@@ -82,6 +96,15 @@ class FTMethod(_Base):
 
     def config_dict(self) -> dict:
         return self.editor.config.to_dict()
+
+    def save_state(self, path: pathlib.Path) -> dict:
+        save_file({"weight": self.editor.weight.detach().contiguous().cpu()}, str(path / "ft.safetensors"))
+        return {"n_edits": self.editor.n_edits}
+
+    def load_state(self, path: pathlib.Path, info: dict) -> None:
+        with torch.no_grad():
+            self.editor.weight.copy_(load_file(str(path / "ft.safetensors"))["weight"])
+        self.editor.n_edits = int(info["n_edits"])
 
 
 class GraceMethod(_Base):
@@ -101,6 +124,24 @@ class GraceMethod(_Base):
 
     def config_dict(self) -> dict:
         return self.editor.config.to_dict()
+
+    def save_state(self, path: pathlib.Path) -> dict:
+        L = self.editor.layer
+        save_file({"keys": L.keys.contiguous().cpu(), "values": L.values.contiguous().cpu(),
+                   "radii": L.radii.contiguous().cpu(), "generator": self.editor._gen.get_state()},
+                  str(path / "grace.safetensors"))
+        return {"labels": list(L.labels), "owners": list(L.owners), "n_edits": self.editor.n_edits,
+                "edit_index": {str(k): v for k, v in self.edit_index.items()}}
+
+    def load_state(self, path: pathlib.Path, info: dict) -> None:
+        L = self.editor.layer
+        state = load_file(str(path / "grace.safetensors"))
+        dev = L.keys.device
+        L.keys, L.values, L.radii = (state[k].to(dev) for k in ("keys", "values", "radii"))
+        L.labels, L.owners = list(info["labels"]), list(info["owners"])
+        self.editor._gen.set_state(state["generator"])
+        self.editor.n_edits = int(info["n_edits"])
+        self.edit_index = {int(k): v for k, v in info["edit_index"].items()}
 
 
 def build_method(name: str, model, tokenizer, memoir_config=None, ft_config=None, grace_config=None):

@@ -169,29 +169,60 @@ def summarise(rows: list[dict]) -> dict:
 
 def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: int | None = None,
                    em: bool = True, batch_size: int = metrics.DEFAULT_BATCH_SIZE, progress: bool = True,
-                   meta: dict | None = None) -> dict:
-    """Run the whole protocol; returns the results dict (JSON-serialisable)."""
+                   meta: dict | None = None, checkpoint=None, checkpoint_every: int = 0,
+                   on_checkpoint=None) -> dict:
+    """Run the whole protocol; returns the results dict (JSON-serialisable).
+
+    ``checkpoint`` (a :class:`memoir.eval.checkpoint.RunCheckpoint`): when it exists the run resumes
+    from it; it is written after the pre-edit pass, every ``checkpoint_every`` edits and after the
+    last edit.  ``on_checkpoint(done, n, edit_seconds)`` is called after each write (progress lines).
+    """
     from tqdm.auto import tqdm
 
     if not records:
         raise ValueError("no records to edit")
     n = len(records)
     t0 = time.perf_counter()
-    pre_loc = loc_snapshot(method, records, batch_size)
-    pre_rows = evaluate(method, records, kind, None, em=False, batch_size=batch_size)
-    pre_seconds = time.perf_counter() - t0
+    elapsed_before, resumed_at = 0.0, []
+    state = checkpoint.load(method) if checkpoint is not None and checkpoint.exists() else None
+    if state is not None:
+        pre_loc = {int(k): v for k, v in state["pre_loc"].items()}
+        pre_rows, pre_seconds = state["pre_rows"], state["pre_seconds"]
+        edit_rows, curve, curve_seconds = state["edit_rows"], state["curve"], state["curve_seconds"]
+        elapsed_before, resumed_at = state["elapsed"], state["resumed_at"] + [len(state["edit_rows"])]
+    else:
+        pre_loc = loc_snapshot(method, records, batch_size)
+        pre_rows = evaluate(method, records, kind, None, em=False, batch_size=batch_size)
+        pre_seconds = time.perf_counter() - t0
+        edit_rows, curve, curve_seconds = [], [], 0.0
 
-    edit_rows, curve, curve_seconds = [], [], 0.0
-    bar = tqdm(records, desc=f"editing ({method.name})", unit="edit", disable=not progress)
-    for i, rec in enumerate(bar):
+    def save():
+        if checkpoint is None:
+            return
+        checkpoint.save(method, {
+            "pre_loc": {str(k): v for k, v in pre_loc.items()}, "pre_rows": pre_rows, "pre_seconds": pre_seconds,
+            "edit_rows": edit_rows, "curve": curve, "curve_seconds": curve_seconds,
+            "elapsed": elapsed_before + time.perf_counter() - t0, "resumed_at": resumed_at,
+        })
+        if on_checkpoint is not None:
+            on_checkpoint(len(edit_rows), n, sum(r["seconds"] for r in edit_rows))
+
+    if state is None:
+        save()  # the pre-edit pass alone is ~15 CPU-minutes for the whole ZsRE file
+    bar = tqdm(total=n, initial=len(edit_rows), desc=f"editing ({method.name})", unit="edit", disable=not progress)
+    for i in range(len(edit_rows), n):
+        rec = records[i]
         info = method.edit(rec.prompt, rec.target, i)
         edit_rows.append(info)
+        bar.update(1)
         bar.set_postfix(loss=f"{info['loss']:.3f}", steps=info["steps"])
         if eval_every and (i + 1) % eval_every == 0 and (i + 1) < n:
             tc = time.perf_counter()
             sub = evaluate(method, records[: i + 1], kind, pre_loc, em=False, batch_size=batch_size)
             curve.append({"n_edits": i + 1, **summarise(sub)})
             curve_seconds += time.perf_counter() - tc
+        if checkpoint_every and ((i + 1) % checkpoint_every == 0 or i + 1 == n):
+            save()
     bar.close()
     edit_seconds = sum(r["seconds"] for r in edit_rows)
 
@@ -236,7 +267,8 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
         "eval_seconds": eval_seconds,
         "pre_eval_seconds": pre_seconds,
         "curve_eval_seconds": curve_seconds,
-        "wall_seconds": time.perf_counter() - t0,
+        "wall_seconds": elapsed_before + time.perf_counter() - t0,
+        "resumed_at": resumed_at,  # edits already done at each resume ([] = ran in one go)
         "layer": method.layer_index,
         "module": method.module_name,
         "config": method.config_dict(),
