@@ -18,6 +18,7 @@ PRESET_DIR = pathlib.Path(__file__).resolve().parent / "presets"
 
 FEATURE_SCALINGS = ("none", "std")
 DECAY_SCOPES = ("all", "active", "none")
+PROTECTION_MODES = ("absolute", "relative")
 
 
 @dataclass
@@ -49,6 +50,10 @@ class MemoirConfig:
     # > 0: a column already owned by u earlier edits gets its gradient scaled by 1 / (1 + p*u),
     # so a new edit prefers its fresh columns and overwrites less of the old ones.
     column_protection: float = 0.0
+    # "absolute": the scale above (old edits win more and more: at N = 732 with k/D = 0.15 every
+    # column has ~110 owners and new edits no longer converge); "relative": divided by its mean over
+    # the edit's own columns, so only the preference for less-used columns remains, not the shrinking step.
+    column_protection_mode: str = "absolute"
     # > 0: each edit's gradient is projected so that the keys of the m earlier edits it would
     # move most keep their memory output exactly (memoir/preserve.py); 0 = off (reference).
     preserve_neighbours: int = 0
@@ -56,6 +61,9 @@ class MemoirConfig:
     # are candidates (0 = any shared column).  Conflicting edits (same subject) share 50-80 %,
     # unrelated ones ~22 % on SmolLM2: gating keeps the projection for real conflicts only.
     preserve_min_overlap: float = 0.0
+    # At most this fraction of the k columns' dimensions may be protected (1.0 = no cap): the most
+    # aligned conflicting edits are kept while their keys span <= max_rank * k directions.
+    preserve_max_rank: float = 1.0
     # threshold "auto": tau = the best overlap any background text reaches against the bank, plus this.
     threshold_margin: float = 0.02
     extra: dict = field(default_factory=dict)  # free-form notes carried with a preset
@@ -76,6 +84,8 @@ class MemoirConfig:
             if not 0.0 <= tau <= 1.0:
                 bad("threshold", self.threshold, "tau must lie in [0, 1] or be 'auto'")
             self.threshold = tau
+        if not 0.0 < float(self.preserve_max_rank) <= 1.0:
+            bad("preserve_max_rank", self.preserve_max_rank, "must lie in (0, 1]")
         if not 0.0 <= float(self.preserve_min_overlap) <= 1.0:
             bad("preserve_min_overlap", self.preserve_min_overlap, "must lie in [0, 1]")
         if not 0.0 <= float(self.threshold_margin) <= 1.0:
@@ -95,6 +105,8 @@ class MemoirConfig:
             bad("preserve_neighbours", self.preserve_neighbours, "must be a non-negative integer")
         if self.feature_scaling not in FEATURE_SCALINGS:
             bad("feature_scaling", self.feature_scaling, f"must be one of {FEATURE_SCALINGS}")
+        if self.column_protection_mode not in PROTECTION_MODES:
+            bad("column_protection_mode", self.column_protection_mode, f"must be one of {PROTECTION_MODES}")
         if self.decay_scope not in DECAY_SCOPES:
             bad("decay_scope", self.decay_scope, f"must be one of {DECAY_SCOPES}")
 

@@ -285,7 +285,8 @@ class MemoirEditor(PromptRouting):
             if keys is not None:
                 preserved = self.keys.neighbours(keys.mean(0), cols[0], cfg.preserve_neighbours,
                                                  self._conflicting_edits(packed[0], bank_before))
-                basis = self.keys.basis(preserved, cols[0])
+                max_rank = max(1, int(cfg.preserve_max_rank * self.layer.top_k))
+                preserved, basis = self.keys.within_rank(preserved, cols[0], max_rank)
             steps, loss = self._optimise(batch, dense[0], replay_output[0] if replay_output else None,
                                          owners_before, cols[0], basis)
             if keys is not None:
@@ -343,6 +344,8 @@ class MemoirEditor(PromptRouting):
         grad_scale = None
         if owners_before is not None:
             grad_scale = 1.0 / (1.0 + cfg.column_protection * owners_before.to(memory.device, memory.dtype))
+            if cfg.column_protection_mode == "relative":
+                grad_scale = grad_scale / grad_scale[cols].mean()
         if basis is not None:
             basis = basis.to(memory.device, memory.dtype)
         steps, prev, loss_value = 0, None, float("nan")

@@ -62,6 +62,20 @@ class KeyStore:
         keep = s > rtol * s[0]
         return vh[keep].T.float().contiguous()
 
+    def within_rank(self, edit_ids: list[int], cols: torch.Tensor, max_rank: int):
+        """The longest prefix of ``edit_ids`` whose keys span at most ``max_rank`` dimensions, and its basis.
+
+        Each protected direction is one the new edit cannot write along; long targets (dozens of
+        keys per edit) would otherwise fill nearly all ``k`` columns and leave the new edit no room.
+        Whole edits are dropped from the end (the least aligned first), so every edit that is kept
+        is still preserved exactly.
+        """
+        for m in range(len(edit_ids), 0, -1):
+            basis = self.basis(edit_ids[:m], cols)
+            if basis is None or basis.shape[1] <= max_rank:
+                return edit_ids[:m], basis
+        return [], None
+
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, torch.Tensor]:
         ids = list(self.keys)

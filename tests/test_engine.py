@@ -224,6 +224,30 @@ def test_column_protection_slows_writes_to_owned_columns():
     assert moved(guarded) < 0.1 * moved(plain)
 
 
+def test_relative_column_protection_keeps_the_step_size():
+    """Relative mode: only the preference between columns remains; uniform usage = no protection."""
+    kw = dict(decay_scope="none", n_iter=3, early_stop=False)
+    plain, absolute, relative = (make_editor(**kw), make_editor(**kw, column_protection=1.0),
+                                 make_editor(**kw, column_protection=1.0, column_protection_mode="relative"))
+    for e in (plain, absolute, relative):
+        e.edit(PROMPT, TARGET)
+        e.edit(PROMPT, "paris")  # the same mask again: every one of its columns has one owner
+    torch.testing.assert_close(relative.layer.memory, plain.layer.memory)
+    assert (absolute.layer.memory - plain.layer.memory).abs().max() > 1e-4
+    # Unequal usage: the less-used columns move more than under absolute protection's uniform shrink.
+    guarded = make_editor(**kw, column_protection=50.0, column_protection_mode="relative")
+    guarded.edit(PROMPT, TARGET)
+    first = guarded.layer.memory.clone()
+    guarded.edit("the eiffel tower is in the city of", "paris")
+    usage = guarded.layer.column_usage()
+    fresh, shared = usage == 1, usage == 2
+    step = (guarded.layer.memory - first).abs()
+    assert shared.any() and fresh.any()
+    assert step[:, shared].mean() < 0.1 * step[:, fresh & (step.sum(0) > 0)].mean()
+    with pytest.raises(ValueError, match="column_protection_mode"):
+        MemoirConfig(column_protection_mode="soft")
+
+
 def test_failed_edit_leaves_memory_and_bank_untouched(monkeypatch):
     editor = make_editor()
     editor.edit(PROMPT, TARGET)

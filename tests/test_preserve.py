@@ -53,6 +53,33 @@ def test_keystore_neighbours_and_basis():
     assert len(empty) == 0 and KeyStore().state() == {}
 
 
+def test_within_rank_keeps_the_longest_prefix_that_fits():
+    store = KeyStore()
+    d = 10
+    store.add(0, torch.eye(d)[:3])  # 3 directions
+    store.add(1, torch.eye(d)[2:5])  # 2 new ones (index 2 is shared)
+    store.add(2, torch.eye(d)[5:9])  # 4 more
+    cols = torch.arange(d)
+    assert store.within_rank([0, 1, 2], cols, 9)[0] == [0, 1, 2]
+    ids, basis = store.within_rank([0, 1, 2], cols, 8)
+    assert ids == [0, 1] and basis.shape == (d, 5)  # rank 5 <= 8; adding edit 2 would need 9
+    assert store.within_rank([0, 1, 2], cols, 2) == ([], None)  # not even the first edit fits
+    assert store.within_rank([], cols, 4) == ([], None)
+
+
+def test_rank_cap_limits_the_protected_directions():
+    editor = _editor(preserve_neighbours=2, preserve_max_rank=1e-3)  # budget: 1 direction
+    editor.edit(EDITS[0][0], "rome in italy")
+    n_keys = editor.keys.keys[0].shape[0]
+    assert n_keys > 1, "one key only: the cap cannot bind"
+    assert editor.edit(*EDITS[1]).preserved == ()  # edit 0's keys span more than the budget
+    roomy = _editor(preserve_neighbours=2)
+    roomy.edit(EDITS[0][0], "rome in italy")
+    assert roomy.edit(*EDITS[1]).preserved == (0,)  # the same stream without the cap
+    with pytest.raises(ValueError, match="preserve_max_rank"):
+        MemoirConfig(preserve_max_rank=0.0)
+
+
 @pytest.mark.parametrize("protection", [0.0, 1.0])
 def test_preserved_edit_output_is_unchanged(protection):
     editor = _editor(preserve_neighbours=2, column_protection=protection)
