@@ -19,6 +19,7 @@ import torch
 
 from memoir import MemoirConfig, MemoirEditor, load_model
 from memoir.batching import build_batch
+from memoir.eval.runner import machine_info
 from memoir.replay import keep_logits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def main():
             print(rows[-1], flush=True)
     out = ROOT / "benchmarks" / "results" / "pooling_sweep.json"
     out.write_text(json.dumps({"model": "smollm2", "layer": editor.target.layer_index, "n": len(records),
-                               "seconds": time.time() - t0, "rows": rows}, indent=1))
+                               "seconds": time.time() - t0, "machine": machine_info(), "rows": rows}, indent=1))
     print(f"wrote {out}")
 
 
