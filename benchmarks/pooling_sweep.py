@@ -18,28 +18,20 @@ import time
 import torch
 
 from memoir import MemoirConfig, MemoirEditor, load_model
-from memoir.batching import build_batch
 from memoir.eval.runner import machine_info
-from memoir.replay import keep_logits
+from routing_options import layer_inputs  # same folder: python benchmarks/pooling_sweep.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ZSRE = ROOT.parent / "shared" / "data" / "zsre" / "zsre_mend_eval_portability_gpt4.public.json"
 POOLINGS = ("mean", "maxabs", "lp2", "lp4", "lp8", "meanabs", "last", "last3", "mean_nolast", "mean+max")
 
 
-@torch.no_grad()
 def token_z(editor, texts, batch_size=32):
     """Per text: the z-scored layer input at each prompt token ``[S_i, D]`` (float16 to save memory)."""
     L, out = editor.layer, []
     mu, sd = L.background_mean.float(), L.background_std.float()
-    with editor.disabled(), editor._capture_input() as seen:
-        for i in range(0, len(texts), batch_size):
-            b = build_batch(editor.tokenizer, texts[i : i + batch_size])
-            seen.clear()
-            editor.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False,
-                         **keep_logits(editor.model, 1))
-            a = seen[0].reshape(*b.input_ids.shape, -1)
-            out += [((a[j][b.prompt_mask[j].bool()].float() - mu) / sd).half() for j in range(a.shape[0])]
+    for acts, span in layer_inputs(editor, texts, batch_size):
+        out += [((a[m.bool()].float() - mu) / sd).half() for a, m in zip(acts, span)]
     return out
 
 

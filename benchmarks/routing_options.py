@@ -32,20 +32,25 @@ AGGREGATIONS = ("mean_decentered", "maxabs_decentered")
 
 
 @torch.no_grad()
-def masks(editor, texts, batch_size=32):
-    """Packed masks per aggregation for ``texts`` (one frozen forward pass for all of them)."""
-    layer = editor.layer
-    out = {a: [] for a in AGGREGATIONS}
+def layer_inputs(editor, texts, batch_size=32):
+    """Yield ``(acts [B, S, D], prompt_mask [B, S])``: the edited layer's input for ``texts``, memory off."""
     with editor.disabled(), editor._capture_input() as seen:
         for i in range(0, len(texts), batch_size):
             batch = build_batch(editor.tokenizer, texts[i : i + batch_size])
             seen.clear()
             editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                          **keep_logits(editor.model, 1))
-            acts = seen[0].reshape(*batch.input_ids.shape, -1)
-            for agg in AGGREGATIONS:
-                feat = prompt_features(acts, batch.prompt_mask, agg, layer.background_mean) / layer.background_std
-                out[agg].append(masks_from_features(feat, layer.top_k, layer.permutation)[2])
+            yield seen[0].reshape(*batch.input_ids.shape, -1), batch.prompt_mask
+
+
+def masks(editor, texts, batch_size=32):
+    """Packed masks per aggregation for ``texts`` (one frozen forward pass for all of them)."""
+    layer = editor.layer
+    out = {a: [] for a in AGGREGATIONS}
+    for acts, span in layer_inputs(editor, texts, batch_size):
+        for agg in AGGREGATIONS:
+            feat = prompt_features(acts, span, agg, layer.background_mean) / layer.background_std
+            out[agg].append(masks_from_features(feat, layer.top_k, layer.permutation)[2])
     return {a: torch.cat(v) for a, v in out.items()}
 
 

@@ -37,6 +37,18 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
     return hashlib.sha256(weight.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
+def replace_dir(tmp: pathlib.Path, path: pathlib.Path) -> None:
+    """Put the finished folder ``tmp`` at ``path``; an existing ``path`` is swapped out, not merged."""
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
+
+
 def save_editor(editor, path) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,14 +83,7 @@ def save_editor(editor, path) -> None:
             "state_sha256": _sha256(tmp / STATE_FILE),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,6 +22,9 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
+from memoir.eval.runner import json_default
+from memoir.persist import replace_dir
+
 PROGRESS_FILE = "progress.json"
 RNG_FILE = "rng.safetensors"
 FORMAT = 1
@@ -41,6 +44,10 @@ def run_fingerprint(method, records, kind: str, eval_every, em: bool) -> dict:
             "records_sha256": records_digest(records), "eval_every": eval_every, "em": em}
 
 
+def has_checkpoint(path) -> bool:
+    return (pathlib.Path(path) / PROGRESS_FILE).exists()
+
+
 def default_path(output) -> pathlib.Path:
     output = pathlib.Path(output)
     return output.with_name(output.name + ".partial")
@@ -54,7 +61,7 @@ class RunCheckpoint:
         self.fingerprint = json.loads(json.dumps(fingerprint))  # JSON-normalised, comparable to a loaded one
 
     def exists(self) -> bool:
-        return (self.path / PROGRESS_FILE).exists()
+        return has_checkpoint(self.path)
 
     def save(self, method, progress: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,13 +70,8 @@ class RunCheckpoint:
             method_info = method.save_state(tmp)
             save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
             doc = {"fingerprint": self.fingerprint, "method_state": method_info, **progress}
-            (tmp / PROGRESS_FILE).write_text(json.dumps(doc, default=_json_default))
-            old = self.path.with_name(self.path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            if self.path.exists():
-                self.path.rename(old)
-            tmp.rename(self.path)
-            shutil.rmtree(old, ignore_errors=True)
+            (tmp / PROGRESS_FILE).write_text(json.dumps(doc, default=json_default))
+            replace_dir(tmp, self.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -92,10 +94,3 @@ class RunCheckpoint:
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
-
-def _json_default(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

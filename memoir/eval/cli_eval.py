@@ -144,10 +144,10 @@ def cmd_eval(args) -> int:
 
 
 def _eval(args, torch) -> int:
-    from memoir.eval.checkpoint import RunCheckpoint, default_path, run_fingerprint
+    from memoir.eval.checkpoint import RunCheckpoint, default_path, has_checkpoint, run_fingerprint
     from memoir.eval.datasets import kind_of, load_records
     from memoir.eval.methods import build_method
-    from memoir.eval.runner import run_sequential
+    from memoir.eval.runner import json_default, run_sequential
     from memoir.models import load_model
 
     if args.n is not None and args.n < 1:
@@ -157,10 +157,10 @@ def _eval(args, torch) -> int:
     if args.checkpoint_every < 0:
         raise ValueError("--checkpoint-every must be >= 0")
     ckpt_path = default_path(args.output)
-    if (ckpt_path / "progress.json").exists() and not args.resume:
+    if has_checkpoint(ckpt_path) and not args.resume:
         raise ValueError(f"{ckpt_path} holds an interrupted run of this output: pass --resume to continue it, "
                          "or delete that folder to start over")
-    if args.resume and not (ckpt_path / "progress.json").exists():
+    if args.resume and not has_checkpoint(ckpt_path):
         raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
     torch.manual_seed(args.seed)
     records, fmt = load_records(args.data, args.format, args.n, args.offset)
@@ -202,21 +202,13 @@ def _eval(args, torch) -> int:
     out = pathlib.Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=_json_default))
+    tmp.write_text(json.dumps(result, indent=1, default=json_default))
     tmp.replace(out)
     if checkpoint is not None:
         checkpoint.remove()
     print(format_summary(result))
     print(f"wrote {out}")
     return 0
-
-
-def _json_default(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, pathlib.Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def format_summary(result: dict) -> str:

@@ -25,6 +25,7 @@ prompts routed to some edit.
 from __future__ import annotations
 
 import os
+import pathlib
 import platform
 import time
 
@@ -34,6 +35,18 @@ from memoir.eval import metrics
 from memoir.eval.datasets import EditRecord
 
 SUMMARY_KEYS = ("rel", "gen", "loc", "rel_ppl", "ood_acc", "rel_em", "gen_em", "route_rel", "route_gen", "route_loc_any")
+
+
+def json_default(obj):
+    """``json.dumps(default=...)`` for results and checkpoints: tensor/NumPy values and paths."""
+    if isinstance(obj, pathlib.Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        try:
+            return obj.item()  # scalars (and one-element arrays)
+        except (ValueError, RuntimeError):
+            return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def machine_info() -> dict:
