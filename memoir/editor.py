@@ -276,7 +276,7 @@ class MemoirEditor(PromptRouting):
             positions = batch.target_mask[0, 1:].nonzero().squeeze(1)
             keys = acts[0, positions].float() * dense[0].to(acts.device, torch.float32)
         bank_before = (self.layer.bank.words.clone(), list(self.layer.bank.edit_ids), dict(self.edits),
-                       dict(self.keys.keys))
+                       self.keys.snapshot())
         memory = self.layer.memory
         # Only these columns (plus whole-matrix weight decay) change: enough to undo a failed edit.
         saved = memory.detach()[:, cols[0]].clone() if cfg.decay_scope != "all" else memory.detach().clone()
@@ -299,7 +299,8 @@ class MemoirEditor(PromptRouting):
                 else:
                     memory.copy_(saved)
             self.layer.bank.load(*bank_before[:2])
-            self.edits, self.keys.keys = bank_before[2], bank_before[3]
+            self.edits = bank_before[2]
+            self.keys.restore(bank_before[3])
             raise
         return EditResult(edit_id, request.prompt, request.target, steps, loss, time.perf_counter() - start,
                           tuple(preserved))

@@ -23,7 +23,7 @@ def _editor(**overrides):
 
 
 def _memory_out(editor, edit_id):
-    return editor.layer.memory.detach() @ editor.keys.keys[edit_id].T
+    return editor.layer.memory.detach() @ editor.keys.dense(edit_id).T
 
 
 def test_keystore_neighbours_and_basis():
@@ -47,10 +47,62 @@ def test_keystore_neighbours_and_basis():
     # Round trip through the saved state, order and counts kept.
     again = KeyStore()
     again.load(store.state())
-    assert list(again.keys) == [0, 1, 2] and all(torch.equal(again.keys[i], store.keys[i]) for i in store.keys)
+    assert again.ids() == [0, 1, 2] and all(torch.equal(again.dense(i), store.dense(i)) for i in store.ids())
     empty = KeyStore()
     empty.load({})
     assert len(empty) == 0 and KeyStore().state() == {}
+
+
+def _dense_reference_neighbours(rows: dict, key, cols, m):
+    """The dense computation sparse storage replaces: mean rows [N, D] restricted to ``cols``."""
+    ids = list(rows)
+    means = torch.stack([rows[i].mean(0) for i in ids])
+    q = key[cols]
+    scores = (means[:, cols] @ q).abs() / (means.norm(dim=1) * q.norm() + 1e-12)
+    order = torch.argsort(scores, descending=True, stable=True)[:m].tolist()
+    return [ids[i] for i in order if float(scores[i]) > 0]
+
+
+def test_sparse_keys_match_the_dense_computation():
+    """Masked keys with random (odd-sized) masks: neighbours, basis and dense rows as if stored dense."""
+    g = torch.Generator().manual_seed(0)
+    d, k = 37, 9
+    store, rows = KeyStore(), {}
+    for i in range(12):
+        cols = torch.randperm(d, generator=g)[:k]
+        mask = torch.zeros(d)
+        mask[cols] = 1
+        rows[i] = torch.randn(int(torch.randint(1, 5, (1,), generator=g)), d, generator=g) * mask
+        store.add(i, rows[i])
+        torch.testing.assert_close(store.dense(i), rows[i], rtol=0, atol=0)
+    assert store.state()["key_values"].numel() == sum(r.shape[0] for r in rows.values()) * k  # D / k smaller
+    for trial in range(5):
+        cols = torch.randperm(d, generator=g)[:k]
+        key = torch.randn(d, generator=g)
+        assert store.neighbours(key, cols, 4) == _dense_reference_neighbours(rows, key, cols, 4)
+        picked = store.neighbours(key, cols, 3, candidates=[1, 5, 7, 99])
+        assert set(picked) <= {1, 5, 7}
+        ref = torch.linalg.svd(torch.cat([rows[i] for i in picked])[:, cols].double())[2]
+        basis = store.basis(picked, cols)
+        # Same spanned subspace: the projector onto it is basis-independent.
+        r = basis.shape[1]
+        torch.testing.assert_close(basis @ basis.T, (ref[:r].T @ ref[:r]).float(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="features"):
+        store.add(99, torch.zeros(2, d + 1))
+
+
+def test_keys_saved_dense_by_earlier_versions_still_load():
+    rows = {3: torch.tensor([[0.0, 2.0, 0.0, -1.0]]), 7: torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]])}
+    old_state = {"key_edit_ids": torch.tensor([3, 7]), "key_counts": torch.tensor([1, 2]),
+                 "keys": torch.cat(list(rows.values()))}
+    store = KeyStore()
+    store.load(old_state)
+    assert store.ids() == [3, 7] and store.dim == 4
+    for i, r in rows.items():
+        torch.testing.assert_close(store.dense(i), r, rtol=0, atol=0)
+    again = KeyStore()
+    again.load(store.state())  # and round-trips in the new format
+    assert all(torch.equal(again.dense(i), r) for i, r in rows.items())
 
 
 def test_within_rank_keeps_the_longest_prefix_that_fits():
@@ -70,7 +122,7 @@ def test_within_rank_keeps_the_longest_prefix_that_fits():
 def test_rank_cap_limits_the_protected_directions():
     editor = _editor(preserve_neighbours=2, preserve_max_rank=1e-3)  # budget: 1 direction
     editor.edit(EDITS[0][0], "rome in italy")
-    n_keys = editor.keys.keys[0].shape[0]
+    n_keys = editor.keys.dense(0).shape[0]
     assert n_keys > 1, "one key only: the cap cannot bind"
     assert editor.edit(*EDITS[1]).preserved == ()  # edit 0's keys span more than the budget
     roomy = _editor(preserve_neighbours=2)
@@ -103,7 +155,7 @@ def test_without_preservation_the_shared_columns_move():
     before = _memory_out(probe, 0)
     editor.layer.memory.data.copy_(probe.layer.memory.data)
     editor.edit(*EDITS[1])
-    after = editor.layer.memory.detach() @ probe.keys.keys[0].T
+    after = editor.layer.memory.detach() @ probe.keys.dense(0).T
     assert (after - before).abs().max() > 1e-3
 
 
@@ -114,9 +166,9 @@ def test_keys_survive_save_load(tmp_path):
     editor.save(tmp_path / "mem")
     model, tok = tiny_model("llama")
     loaded = MemoirEditor.load(model, tok, tmp_path / "mem")
-    assert list(loaded.keys.keys) == list(editor.keys.keys)
-    for i in editor.keys.keys:
-        torch.testing.assert_close(loaded.keys.keys[i], editor.keys.keys[i])
+    assert loaded.keys.ids() == editor.keys.ids()
+    for i in editor.keys.ids():
+        torch.testing.assert_close(loaded.keys.dense(i), editor.keys.dense(i))
     # Later edits on the reloaded memory still protect the earlier ones.
     before = _memory_out(loaded, 1)
     r = loaded.edit("the eiffel tower sits in the city of", "paris")
@@ -128,7 +180,7 @@ def test_replaced_edit_drops_its_keys():
     editor = _editor(preserve_neighbours=2)
     a = editor.edit(*EDITS[0])
     b = editor.edit(EDITS[0][0], "paris")  # the same prompt again: the new edit owns the mask
-    assert a.edit_id not in editor.keys.keys and b.edit_id in editor.keys.keys
+    assert a.edit_id not in editor.keys and b.edit_id in editor.keys
     assert b.preserved == () and b.steps > 0  # not held back by the edit it replaces
     assert editor.generate(EDITS[0][0], max_new_tokens=3).strip().startswith("paris")
 
