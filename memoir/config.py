@@ -64,6 +64,10 @@ class MemoirConfig:
     # At most this fraction of the k columns' dimensions may be protected (1.0 = no cap): the most
     # aligned conflicting edits are kept while their keys span <= max_rank * k directions.
     preserve_max_rank: float = 1.0
+    # > 0: also protect the principal directions of *all* earlier edits' keys inside the new edit's
+    # columns (each edit weighted by the share of its key there), until this fraction of their energy
+    # or the rank budget left by the exact neighbours is used (memoir/preserve.py); 0 = off.
+    preserve_energy: float = 0.0
     # threshold "auto": tau = the best overlap any background text reaches against the bank, plus this.
     threshold_margin: float = 0.02
     extra: dict = field(default_factory=dict)  # free-form notes carried with a preset
@@ -86,6 +90,8 @@ class MemoirConfig:
             self.threshold = tau
         if not 0.0 < float(self.preserve_max_rank) <= 1.0:
             bad("preserve_max_rank", self.preserve_max_rank, "must lie in (0, 1]")
+        if not 0.0 <= float(self.preserve_energy) < 1.0:
+            bad("preserve_energy", self.preserve_energy, "must lie in [0, 1)")
         if not 0.0 <= float(self.preserve_min_overlap) <= 1.0:
             bad("preserve_min_overlap", self.preserve_min_overlap, "must lie in [0, 1]")
         if not 0.0 <= float(self.threshold_margin) <= 1.0:

@@ -117,7 +117,7 @@ class MemoirEditor(PromptRouting):
         self._install_routing()
         self._templates: list[str] | None = None
         self.edits: dict[int, EditRequest] = {}
-        self.keys = KeyStore()  # filled only when preserve_neighbours > 0
+        self.keys = KeyStore()  # filled only when preserve_neighbours or preserve_energy is on
         self._next_id = 0
         # threshold "auto": the masks of the background texts calibrate tau against the bank.
         self._background_texts = background_texts or default_background_texts()
@@ -271,7 +271,7 @@ class MemoirEditor(PromptRouting):
         cols, dense, packed = self.layer.query_masks(acts[:1], batch.prompt_mask[:1])
         owners_before = self.layer.column_usage() if self.config.column_protection > 0 else None
         keys, preserved, basis = None, [], None
-        if cfg.preserve_neighbours > 0:
+        if cfg.preserve_neighbours > 0 or cfg.preserve_energy > 0:
             # Keys: the bare prompt row's inputs at the positions that predict the target tokens.
             positions = batch.target_mask[0, 1:].nonzero().squeeze(1)
             keys = acts[0, positions].float() * dense[0].to(acts.device, torch.float32)
@@ -283,10 +283,16 @@ class MemoirEditor(PromptRouting):
         edit_id = self._store_mask(packed[0], request)  # drops the keys of an edit it replaces
         try:
             if keys is not None:
-                preserved = self.keys.neighbours(keys.mean(0), cols[0], cfg.preserve_neighbours,
-                                                 self._conflicting_edits(packed[0], bank_before))
                 max_rank = max(1, int(cfg.preserve_max_rank * self.layer.top_k))
-                preserved, basis = self.keys.within_rank(preserved, cols[0], max_rank)
+                if cfg.preserve_neighbours > 0:
+                    preserved = self.keys.neighbours(keys.mean(0), cols[0], cfg.preserve_neighbours,
+                                                     self._conflicting_edits(packed[0], bank_before))
+                    preserved, basis = self.keys.within_rank(preserved, cols[0], max_rank)
+                if cfg.preserve_energy > 0:
+                    used = 0 if basis is None else basis.shape[1]
+                    extra = self.keys.principal_directions(cols[0], cfg.preserve_energy, max_rank - used, basis)
+                    if extra is not None:
+                        basis = extra if basis is None else torch.cat([basis, extra.to(basis)], dim=1)
             steps, loss = self._optimise(batch, dense[0], replay_output[0] if replay_output else None,
                                          owners_before, cols[0], basis)
             if keys is not None:

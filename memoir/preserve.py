@@ -123,6 +123,49 @@ class KeyStore:
                 return edit_ids[:m], basis
         return [], None
 
+    def principal_directions(self, cols: torch.Tensor, energy: float, max_rank: int,
+                             exclude: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Directions inside ``cols`` that carry most of the stored edits' key energy there.
+
+        Every stored edit contributes its keys restricted to ``cols``, scaled so that its whole key
+        has unit energy: an edit weighs by the share of its memory input that a write to ``cols``
+        would change.  Returns the top eigenvectors ``[len(cols), r]`` of their covariance, with the
+        smallest ``r <= max_rank`` reaching ``energy`` of its trace, or None.  ``exclude`` (an
+        orthonormal ``[len(cols), q]`` basis, e.g. the exactly preserved neighbours) is projected
+        out first, so the result is orthogonal to it and extends it.
+        """
+        if max_rank <= 0 or not self._entries or energy <= 0:
+            return None
+        k = cols.numel()
+        device = next(iter(self._entries.values()))[1].device
+        cols = cols.to(device)
+        where = torch.full((self.dim,), -1, dtype=torch.long, device=device)
+        where[cols] = torch.arange(k, device=device)
+        cov = torch.zeros(k, k, dtype=torch.float64, device=device)
+        for j_cols, values, _ in self._entries.values():
+            at = where[j_cols]
+            shared = at >= 0
+            if not bool(shared.any()):
+                continue
+            total = values.double().pow(2).sum()
+            if total == 0:
+                continue
+            u = values[:, shared].double() / total.sqrt()
+            idx = at[shared]
+            cov[idx[:, None], idx[None, :]] += u.T @ u
+        if exclude is not None:
+            p = torch.eye(k, dtype=torch.float64, device=device) - exclude.double() @ exclude.double().T
+            cov = p @ cov @ p
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        trace = evals.sum()
+        if trace <= 0:
+            return None
+        reached = (evals.cumsum(0) / trace >= energy).nonzero()
+        r = int(reached[0]) + 1 if reached.numel() else k
+        r = min(r, max_rank, int((evals > 1e-12 * evals[0]).sum()))
+        return evecs[:, :r].float().contiguous() if r > 0 else None
+
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, torch.Tensor]:
         ids = self.ids()

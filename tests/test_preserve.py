@@ -217,3 +217,52 @@ def test_config_rejects_bad_preserve_neighbours():
         MemoirConfig(preserve_neighbours=1.5)
     with pytest.raises(ValueError, match="preserve_min_overlap"):
         MemoirConfig(preserve_min_overlap=1.5)
+
+
+def test_principal_directions_capture_the_stored_keys_energy():
+    d = 12
+    cols = torch.arange(0, 10)
+    store = KeyStore()
+    plane = torch.zeros(2, d)
+    plane[0, 1], plane[1, 3] = 1.0, 1.0
+    g = torch.Generator().manual_seed(1)
+    for i in range(6):  # keys in span(e1, e3), plus energy outside cols (weights the edit down, not up)
+        rows = torch.randn(3, 2, generator=g) @ plane
+        rows[:, 11] = 5.0
+        store.add(i, rows)
+    q = store.principal_directions(cols, 0.999, max_rank=8)
+    assert q.shape == (10, 2)
+    torch.testing.assert_close(q.T @ q, torch.eye(2), atol=1e-5, rtol=0)
+    for i in store.ids():  # projecting a gradient off q leaves every stored key's output unchanged
+        k = store.dense(i)[:, cols]
+        torch.testing.assert_close(project_out(torch.randn(4, 10), q) @ k.T, torch.zeros(4, 3), atol=1e-5, rtol=0)
+    assert store.principal_directions(cols, 0.999, max_rank=1).shape == (10, 1)  # the budget binds
+    assert store.principal_directions(cols, 0.0, max_rank=8) is None
+    assert store.principal_directions(torch.tensor([0, 5, 7]), 0.9, max_rank=8) is None  # no energy in cols
+    assert KeyStore().principal_directions(cols, 0.9, max_rank=8) is None
+    # With the e1 direction already taken, what is left extends it: orthogonal, e3 only.
+    e1 = torch.zeros(10, 1)
+    e1[1] = 1.0
+    rest = store.principal_directions(cols, 0.999, max_rank=8, exclude=e1)
+    assert rest.shape == (10, 1)
+    torch.testing.assert_close(rest.abs()[3, 0], torch.tensor(1.0), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="preserve_energy"):
+        MemoirConfig(preserve_energy=1.0)
+
+
+def test_energy_preservation_protects_every_earlier_edit():
+    """Without neighbours, the principal directions of the earlier keys keep edit 0's output."""
+    def drift(energy):
+        editor = _editor(preserve_neighbours=0, preserve_energy=energy, preserve_max_rank=1.0)
+        probe = _editor(preserve_neighbours=1)
+        probe.edit(*EDITS[0])
+        editor.edit(*EDITS[0])
+        torch.testing.assert_close(editor.layer.memory, probe.layer.memory)
+        before = editor.layer.memory.detach() @ probe.keys.dense(0).T
+        r = editor.edit(*EDITS[1])
+        assert r.steps > 0 and r.preserved == ()
+        assert (len(editor.keys) == 2) == (energy > 0)
+        return float((editor.layer.memory.detach() @ probe.keys.dense(0).T - before).abs().max())
+
+    assert drift(0.0) > 1e-3
+    assert drift(0.999) < 1e-4
