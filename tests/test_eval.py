@@ -567,3 +567,37 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, me
             assert ra.get(key) == pytest.approx(rb.get(key)), key
     for key in ("rel", "gen", "loc", "rel_em", "gen_em", "mean"):
         assert a[key] == pytest.approx(b[key]), key
+
+
+def test_checkpoint_from_before_an_option_existed_resumes(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A config key missing from an older checkpoint means the option was off: resumable iff still default."""
+    from memoir.eval import methods
+    from memoir.eval.cli_eval import main
+
+    data = _write(tmp_path, "zsre.json", CLI_DATA + [dict(ZSRE, src="The tallest mountain is", alt="Mont Blanc")])
+    out = tmp_path / "cut.json"
+    real_edit = methods.MemoirMethod.edit
+
+    def crashing_edit(self, prompt, target, position):
+        if position == 3:
+            raise _Crash("killed")
+        return real_edit(self, prompt, target, position)
+
+    monkeypatch.setattr(methods.MemoirMethod, "edit", crashing_edit)
+    with pytest.raises(_Crash):
+        main(_eval_argv(tiny_model_dir, data, "memoir", out, "--checkpoint-every", "2"))
+    monkeypatch.setattr(methods.MemoirMethod, "edit", real_edit)
+    progress = tmp_path / "cut.json.partial" / "progress.json"
+    doc = json.loads(progress.read_text())
+    config = doc["fingerprint"]["config"]
+    assert config["preserve_energy"] == 0.0 and config["n_iter"] == 3
+    # An option at a non-default value (n_iter 3, default 30) that the checkpoint does not mention: refused.
+    del config["preserve_energy"], config["n_iter"]
+    progress.write_text(json.dumps(doc))
+    assert main(_eval_argv(tiny_model_dir, data, "memoir", out, "--resume")) == 2
+    assert "differs in: config" in capsys.readouterr().err
+    # Only the option that is still at its default is missing: the run goes on.
+    config["n_iter"] = 3
+    progress.write_text(json.dumps(doc))
+    assert main(_eval_argv(tiny_model_dir, data, "memoir", out, "--resume")) == 0
+    assert json.loads(out.read_text())["resumed_at"] == [2]

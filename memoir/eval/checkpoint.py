@@ -53,6 +53,15 @@ def default_path(output) -> pathlib.Path:
     return output.with_name(output.name + ".partial")
 
 
+def _fill_new_options(fingerprint: dict, method) -> dict:
+    """A checkpoint written before a config option existed ran without it: fill in its default."""
+    config = fingerprint.get("config")
+    if not isinstance(config, dict):
+        return fingerprint
+    defaults = json.loads(json.dumps(method.config_defaults(), default=json_default))
+    return {**fingerprint, "config": {**{k: v for k, v in defaults.items() if k not in config}, **config}}
+
+
 class RunCheckpoint:
     """The checkpoint directory of one run (``fingerprint`` from :func:`run_fingerprint`)."""
 
@@ -82,7 +91,7 @@ class RunCheckpoint:
             doc = json.loads((self.path / PROGRESS_FILE).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{self.path}: unreadable checkpoint ({e}); delete it to start over") from None
-        saved = doc.get("fingerprint", {})
+        saved = _fill_new_options(doc.get("fingerprint", {}), method)
         if saved != self.fingerprint:
             diff = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
             raise ValueError(f"{self.path} belongs to a different run (differs in: {', '.join(diff)}); "

@@ -44,6 +44,10 @@ class _Base:
     def routes(self):
         return None
 
+    def config_defaults(self) -> dict:
+        """The method's config with every option at its default (what a run without the option used)."""
+        return type(self.editor.config)().to_dict()
+
     @property
     def layer_index(self) -> int:
         return self.editor.target.layer_index
