@@ -25,8 +25,8 @@ class KeyStore:
     """
 
     def __init__(self):
-        # edit id -> (columns [c] int64, values [P, c] float32, mean of the values over P [c])
-        self._entries: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # edit id -> (columns [c] int64, values [P, c] float32)
+        self._entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.dim: int | None = None  # D, the width of a dense key
 
     def __len__(self) -> int:
@@ -46,17 +46,30 @@ class KeyStore:
             raise ValueError(f"keys have {keys.shape[1]} features, the store holds {self.dim}")
         keys = keys.detach().float()
         cols = keys.abs().sum(0).nonzero().flatten()
-        self._put(edit_id, cols, keys[:, cols].clone())
+        self._entries[edit_id] = (cols, keys[:, cols].clone())
         self.dim = keys.shape[1]
-
-    def _put(self, edit_id: int, cols: torch.Tensor, values: torch.Tensor) -> None:
-        self._entries[edit_id] = (cols, values, values.mean(0))
 
     def dense(self, edit_id: int) -> torch.Tensor:
         """The keys of ``edit_id`` as ``[P, D]`` rows (zero outside the edit's mask)."""
-        cols, values, _ = self._entries[edit_id]
+        cols, values = self._entries[edit_id]
         out = values.new_zeros(values.shape[0], self.dim)
         out[:, cols] = values
+        return out
+
+    def _column_map(self, cols: torch.Tensor) -> torch.Tensor:
+        """``[D]``: the position of each feature in ``cols``, -1 for features outside it."""
+        device = next(iter(self._entries.values()))[1].device
+        where = torch.full((self.dim,), -1, dtype=torch.long, device=device)
+        where[cols.to(device)] = torch.arange(cols.numel(), device=device)
+        return where
+
+    def _restricted(self, edit_id: int, where: torch.Tensor, k: int) -> torch.Tensor:
+        """The keys of ``edit_id`` restricted to the ``k`` columns mapped by ``where``: ``[P, k]``."""
+        j_cols, values = self._entries[edit_id]
+        at = where[j_cols]
+        shared = at >= 0
+        out = values.new_zeros(values.shape[0], k)
+        out[:, at[shared]] = values[:, shared]
         return out
 
     def pop(self, edit_id: int) -> None:
@@ -83,17 +96,11 @@ class KeyStore:
         ids = self.ids() if candidates is None else [i for i in candidates if i in self._entries]
         if m <= 0 or not ids:
             return []
-        # The query restricted to S, scattered back to D: indexing it by edit j's columns gives
-        # key[S] on the shared columns and 0 elsewhere, so a dot over j's own columns is the dot over S.
-        q_s = key.float()[cols]
-        q = torch.zeros_like(key, dtype=torch.float32)
-        q[cols] = q_s
-        dots, norms = [], []
-        for i in ids:
-            j_cols, _, mean = self._entries[i]
-            dots.append(mean @ q.to(mean.device)[j_cols])
-            norms.append(mean.norm())
-        scores = torch.stack(dots).abs() / (torch.stack(norms) * q_s.norm().to(mean.device) + 1e-12)
+        where = self._column_map(cols)
+        q = key.float()[cols].to(where.device)
+        dots = torch.stack([self._restricted(i, where, q.numel()).mean(0) @ q for i in ids])
+        norms = torch.stack([self._entries[i][1].mean(0).norm() for i in ids])
+        scores = dots.abs() / (norms * q.norm() + 1e-12)
         order = torch.argsort(scores, descending=True, stable=True)[:m].tolist()
         return [ids[i] for i in order if float(scores[i]) > 0]
 
@@ -101,8 +108,8 @@ class KeyStore:
         """Orthonormal basis ``[len(cols), r]`` of the neighbours' keys restricted to ``cols``."""
         if not edit_ids:
             return None
-        u = torch.cat([self.dense(i) for i in edit_ids])
-        u = u[:, cols.to(u.device)]
+        where = self._column_map(cols)
+        u = torch.cat([self._restricted(i, where, cols.numel()) for i in edit_ids])
         if u.abs().max() == 0:
             return None
         _, s, vh = torch.linalg.svd(u.double(), full_matrices=False)
@@ -137,22 +144,14 @@ class KeyStore:
         if max_rank <= 0 or not self._entries or energy <= 0:
             return None
         k = cols.numel()
-        device = next(iter(self._entries.values()))[1].device
-        cols = cols.to(device)
-        where = torch.full((self.dim,), -1, dtype=torch.long, device=device)
-        where[cols] = torch.arange(k, device=device)
+        where = self._column_map(cols)
+        device = where.device
         cov = torch.zeros(k, k, dtype=torch.float64, device=device)
-        for j_cols, values, _ in self._entries.values():
-            at = where[j_cols]
-            shared = at >= 0
-            if not bool(shared.any()):
-                continue
+        for i, (_, values) in self._entries.items():
             total = values.double().pow(2).sum()
-            if total == 0:
-                continue
-            u = values[:, shared].double() / total.sqrt()
-            idx = at[shared]
-            cov[idx[:, None], idx[None, :]] += u.T @ u
+            if total > 0:
+                u = self._restricted(i, where, k).double() / total.sqrt()
+                cov += u.T @ u
         if exclude is not None:
             p = torch.eye(k, dtype=torch.float64, device=device) - exclude.double() @ exclude.double().T
             cov = p @ cov @ p
@@ -200,7 +199,7 @@ class KeyStore:
         for i, p, c, cols, flat in zip(ids, counts, col_counts, all_cols, all_values):
             if device is not None:
                 cols, flat = cols.to(device), flat.to(device)
-            self._put(int(i), cols, flat.reshape(p, c))
+            self._entries[int(i)] = (cols, flat.reshape(p, c))
 
 
 def project_out(grad_block: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
