@@ -601,3 +601,24 @@ def test_checkpoint_from_before_an_option_existed_resumes(tmp_path, tiny_model_d
     progress.write_text(json.dumps(doc))
     assert main(_eval_argv(tiny_model_dir, data, "memoir", out, "--resume")) == 0
     assert json.loads(out.read_text())["resumed_at"] == [2]
+
+
+def test_plot_series_separates_variants_of_one_method():
+    from memoir.eval.plot import series
+
+    def result(n, source, config, method="memoir", rel=0.9):
+        return {"method": method, "n_edits": n, "data": "d/zsre.json", "config_source": source,
+                "config": config, "rel": rel, "_path": f"{method}_{n}.json"}
+
+    runs = [result(10, "preset:smollm2", {"k": 1}), result(100, "preset:smollm2", {"k": 1}),
+            result(10, "cfg/energy90.yaml", {"k": 2}),
+            # the preset changed between runs: same label, different config -> two lines
+            result(732, "preset:smollm2", {"k": 3}),
+            result(10, "preset:smollm2", {"lr": 1}, method="ft"), result(100, "default", {"lr": 1}, method="ft")]
+    data = series(runs)
+    labels = sorted(label for label, _ in data)
+    assert "memoir (energy90)" in labels and "ft" in labels
+    preset_lines = [k for k in data if k[0].startswith("memoir (preset smollm2) #")]
+    assert len(preset_lines) == 2
+    assert sorted(len(data[k]) for k in preset_lines) == [1, 2]
+    assert [n for n, _ in data[("ft", "zsre")]] == [10, 100]  # the MEMOIR preset name does not split a baseline

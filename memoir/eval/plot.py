@@ -1,6 +1,7 @@
-"""Plot ``memoir eval`` results: each metric vs number of edits, one line per (method, dataset)."""
+"""Plot ``memoir eval`` results: each metric vs number of edits, one line per (method and config, dataset)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 from collections import defaultdict
@@ -28,15 +29,42 @@ def load_results(paths) -> list[dict]:
     return out
 
 
+def _config_digest(r: dict) -> str:
+    config = {k: v for k, v in (r.get("config") or {}).items() if k != "threshold_final"}
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+def run_label(r: dict) -> str:
+    """``method`` plus where its config came from: ``memoir (smollm2_energy90)``, ``memoir (preset smollm2)``."""
+    source = str(r.get("config_source") or "default")
+    if source == "default" or r["method"] != "memoir":
+        return r["method"]  # baselines take their own defaults; the MEMOIR preset does not apply to them
+    if source.startswith("preset:"):
+        return f"{r['method']} (preset {source.split(':', 1)[1]})"
+    return f"{r['method']} ({pathlib.Path(source).stem})"
+
+
 def series(results: list[dict], curve: bool = False):
-    """``{(method, dataset): [(n_edits, summary dict), ...]}`` sorted by n_edits."""
-    groups = defaultdict(list)
+    """``{(run label, dataset): [(n_edits, summary dict), ...]}`` sorted by n_edits.
+
+    Runs are grouped by method *and* config, so variants of one method (and results of a preset that
+    changed between runs) are separate lines; a label shared by different configs gets the config's
+    short hash.
+    """
+    by_config = defaultdict(list)
     for r in results:
-        key = (r["method"], pathlib.Path(r.get("data", "?")).stem)
-        if curve:
-            groups[key + (pathlib.Path(r["_path"]).stem,)].extend((c["n_edits"], c) for c in r.get("curve") or [])
-        else:
-            groups[key].append((r["n_edits"], r))
+        by_config[(run_label(r), pathlib.Path(r.get("data", "?")).stem, _config_digest(r))].append(r)
+    clashes = defaultdict(int)
+    for label, dataset, _ in by_config:
+        clashes[(label, dataset)] += 1
+    groups = defaultdict(list)
+    for (label, dataset, digest), runs in by_config.items():
+        key = (f"{label} #{digest}" if clashes[(label, dataset)] > 1 else label, dataset)
+        for r in runs:
+            if curve:
+                groups[key + (pathlib.Path(r["_path"]).stem,)].extend((c["n_edits"], c) for c in r.get("curve") or [])
+            else:
+                groups[key].append((r["n_edits"], r))
     return {k: sorted(v, key=lambda t: t[0]) for k, v in groups.items() if v}
 
 
@@ -57,12 +85,13 @@ def plot_results(paths, output, metrics=None, curve: bool = False) -> pathlib.Pa
     cols = min(3, len(present))
     rows = (len(present) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    one_dataset = len({key[1] for key in data}) == 1  # then the legend need not repeat it
     for ax, m in zip(axes.flat, present):
         for key, pts in sorted(data.items()):
             xs = [n for n, pt in pts if pt.get(m) is not None]
             ys = [pt[m] for n, pt in pts if pt.get(m) is not None]
             if xs:
-                ax.plot(xs, ys, marker="o", label=" / ".join(key))
+                ax.plot(xs, ys, marker="o", label=" / ".join(k for j, k in enumerate(key) if not (one_dataset and j == 1)))
         ax.set_title(LABELS.get(m, m))
         ax.set_xlabel("edits made" if curve else "number of sequential edits N")
         if any(n > 0 for pts in data.values() for n, _ in pts) and not curve:
@@ -73,8 +102,8 @@ def plot_results(paths, output, metrics=None, curve: bool = False) -> pathlib.Pa
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * ((len(labels) - 1) // 4), 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 3), 1, 1))
     output = pathlib.Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=120)
