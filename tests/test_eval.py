@@ -431,6 +431,14 @@ CLI_DATA = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _private_pre_cache(tmp_path, monkeypatch):
+    """CLI runs share the unedited pass through a cache; keep each test's to itself."""
+    from memoir.eval import prepass
+
+    monkeypatch.setattr(prepass, "default_dir", lambda: tmp_path / "pre-edit-cache")
+
+
 def _run_cli(tmp_path, model_dir, method, data, extra=()):
     from memoir.eval.cli_eval import main
 
@@ -622,3 +630,56 @@ def test_plot_series_separates_variants_of_one_method():
     assert len(preset_lines) == 2
     assert sorted(len(data[k]) for k in preset_lines) == [1, 2]
     assert [n for n, _ in data[("ft", "zsre")]] == [10, 100]  # the MEMOIR preset name does not split a baseline
+
+
+# ----------------------------------------------------------------------------- shared pre-edit pass
+def test_pre_edit_pass_is_shared_between_methods(tmp_path, tiny_model_dir, caplog):
+    from memoir.eval.cli_eval import main
+
+    data = _write(tmp_path, "zsre.json", CLI_DATA)
+    cache = tmp_path / "pre"
+
+    def run(method, name, *extra):
+        out = tmp_path / f"{name}.json"
+        assert main(_eval_argv(tiny_model_dir, data, method, out, "--no-em", *extra)) == 0
+        return json.loads(out.read_text())
+
+    ft = run("ft", "ft", "--pre-cache", str(cache))
+    assert ft["pre_eval_reused"] is False and len(list(cache.glob("*.json"))) == 1
+    shared = run("memoir", "memoir_shared", "--pre-cache", str(cache))
+    own = run("memoir", "memoir_own", "--no-pre-cache")
+    assert shared["pre_eval_reused"] is True and own["pre_eval_reused"] is False
+    # The unedited model is the same under every method: the shared pass gives MEMOIR's own numbers.
+    for key in ("rel", "gen", "loc", "mean"):
+        assert shared[key] == own[key], key
+    for a, b in zip(shared["records"], own["records"]):
+        assert (a["pre_rel"], a["pre_gen"], a.get("loc")) == (b["pre_rel"], b["pre_gen"], b.get("loc"))
+
+    # Anything the pass depends on is part of the key: another batch size is a new entry.
+    assert run("ft", "ft_b2", "--pre-cache", str(cache), "--batch-size", "2")["pre_eval_reused"] is False
+    assert len(list(cache.glob("*.json"))) == 2
+    # A damaged entry is recomputed (with a warning) and rewritten, not fatal.
+    for f in cache.glob("*.json"):
+        f.write_text("{not json")
+    assert run("ft", "ft_again", "--pre-cache", str(cache))["pre_eval_reused"] is False
+    assert "unreadable pre-edit cache entry" in caplog.text
+    assert run("grace", "grace", "--pre-cache", str(cache))["pre_eval_reused"] is True
+
+
+def test_model_digest_tracks_weights_and_records_key(tiny_model_dir):
+    from memoir.eval.datasets import EditRecord
+    from memoir.eval.prepass import model_digest, pass_key
+    from memoir.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir))
+    before = model_digest(model, tok)
+    assert model_digest(model, tok) == before
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    after = model_digest(model, tok)
+    assert after != before
+    recs = [EditRecord(prompt="a", target="b")]
+    other = [EditRecord(prompt="a", target="c")]
+    assert pass_key(after, recs, "qa", 16) != pass_key(after, other, "qa", 16)
+    assert pass_key(after, recs, "qa", 16) != pass_key(after, recs, "ppl", 16)
+    assert pass_key(after, recs, "qa", 16) != pass_key(before, recs, "qa", 16)

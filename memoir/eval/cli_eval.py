@@ -70,6 +70,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                         "--resume can continue an interrupted run (0 = never; default 25)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run saved in OUTPUT.partial/ (same method, config and data)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--pre-cache", default=None, metavar="DIR",
+                   help="where the unedited model's pass is shared between runs on the same model, data and "
+                        "batch size (default: $MEMOIR_CACHE or ~/.cache/memoir, then pre-edit/)")
+    g.add_argument("--no-pre-cache", action="store_true", help="always recompute the unedited model's pass")
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -147,6 +152,8 @@ def _eval(args, torch) -> int:
     from memoir.eval.checkpoint import RunCheckpoint, default_path, has_checkpoint, run_fingerprint
     from memoir.eval.datasets import kind_of, load_records
     from memoir.eval.methods import build_method
+    from memoir.eval.prepass import PrePassCache, model_digest, pass_key
+    from memoir.eval.prepass import default_dir as prepass_dir
     from memoir.eval.runner import json_default, run_sequential
     from memoir.models import load_model
 
@@ -168,6 +175,10 @@ def _eval(args, torch) -> int:
         log.warning("%s has only %d records after offset %d (asked for %d)", args.data, len(records), args.offset, args.n)
     mcfg, ftcfg, gcfg = _load_configs(args)
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    pre_cache = pre_key = None
+    if not args.no_pre_cache:
+        pre_cache = PrePassCache(args.pre_cache or prepass_dir())
+        pre_key = pass_key(model_digest(model, tok), records, kind_of(fmt), args.batch_size)  # before editing
     method = build_method(args.method, model, tok, mcfg, ftcfg, gcfg)
     meta = {
         "model": args.model,
@@ -195,6 +206,7 @@ def _eval(args, torch) -> int:
             method, records, kind_of(fmt), eval_every=args.eval_every, em=not args.no_em,
             batch_size=args.batch_size, progress=not args.quiet, meta=meta,
             checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, on_checkpoint=on_checkpoint,
+            pre_cache=pre_cache, pre_key=pre_key,
         )
     finally:
         if flushed:

@@ -183,12 +183,14 @@ def summarise(rows: list[dict]) -> dict:
 def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: int | None = None,
                    em: bool = True, batch_size: int = metrics.DEFAULT_BATCH_SIZE, progress: bool = True,
                    meta: dict | None = None, checkpoint=None, checkpoint_every: int = 0,
-                   on_checkpoint=None) -> dict:
+                   on_checkpoint=None, pre_cache=None, pre_key: str | None = None) -> dict:
     """Run the whole protocol; returns the results dict (JSON-serialisable).
 
     ``checkpoint`` (a :class:`memoir.eval.checkpoint.RunCheckpoint`): when it exists the run resumes
     from it; it is written after the pre-edit pass, every ``checkpoint_every`` edits and after the
     last edit.  ``on_checkpoint(done, n, edit_seconds)`` is called after each write (progress lines).
+    ``pre_cache`` (a :class:`memoir.eval.prepass.PrePassCache`) with ``pre_key``: the unedited model's
+    pass is read from it when an earlier run stored it, and stored there otherwise.
     """
     from tqdm.auto import tqdm
 
@@ -196,16 +198,24 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
         raise ValueError("no records to edit")
     n = len(records)
     t0 = time.perf_counter()
-    elapsed_before, resumed_at = 0.0, []
+    elapsed_before, resumed_at, pre_reused = 0.0, [], False
     state = checkpoint.load(method) if checkpoint is not None and checkpoint.exists() else None
     if state is not None:
         pre_loc = {int(k): v for k, v in state["pre_loc"].items()}
         pre_rows, pre_seconds = state["pre_rows"], state["pre_seconds"]
+        pre_reused = state.get("pre_reused", False)
         edit_rows, curve, curve_seconds = state["edit_rows"], state["curve"], state["curve_seconds"]
         elapsed_before, resumed_at = state["elapsed"], state["resumed_at"] + [len(state["edit_rows"])]
     else:
-        pre_loc = loc_snapshot(method, records, batch_size)
-        pre_rows = evaluate(method, records, kind, None, em=False, batch_size=batch_size)
+        cached = pre_cache.load(pre_key) if pre_cache is not None else None
+        if cached is not None:
+            pre_loc, pre_rows = cached["pre_loc"], cached["pre_rows"]
+            pre_reused = True
+        else:
+            pre_loc = loc_snapshot(method, records, batch_size)
+            pre_rows = evaluate(method, records, kind, None, em=False, batch_size=batch_size)
+            if pre_cache is not None:
+                pre_cache.save(pre_key, pre_loc, pre_rows, time.perf_counter() - t0)
         pre_seconds = time.perf_counter() - t0
         edit_rows, curve, curve_seconds = [], [], 0.0
 
@@ -214,7 +224,7 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
             return
         checkpoint.save(method, {
             "pre_loc": {str(k): v for k, v in pre_loc.items()}, "pre_rows": pre_rows, "pre_seconds": pre_seconds,
-            "edit_rows": edit_rows, "curve": curve, "curve_seconds": curve_seconds,
+            "pre_reused": pre_reused, "edit_rows": edit_rows, "curve": curve, "curve_seconds": curve_seconds,
             "elapsed": elapsed_before + time.perf_counter() - t0, "resumed_at": resumed_at,
         })
         if on_checkpoint is not None:
@@ -279,6 +289,7 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
         "edit_steps_mean": sum(r["steps"] for r in edit_rows) / n,
         "eval_seconds": eval_seconds,
         "pre_eval_seconds": pre_seconds,
+        "pre_eval_reused": pre_reused,  # the unedited pass came from the pre-edit cache (an earlier run)
         "curve_eval_seconds": curve_seconds,
         "wall_seconds": elapsed_before + time.perf_counter() - t0,
         "resumed_at": resumed_at,  # edits already done at each resume ([] = ran in one go)
