@@ -68,6 +68,9 @@ class MemoirConfig:
     # columns (each edit weighted by the share of its key there), until this fraction of their energy
     # or the rank budget left by the exact neighbours is used (memoir/preserve.py); 0 = off.
     preserve_energy: float = 0.0
+    # ... but only once the bank holds at least this many earlier edits: while the bank is small the
+    # gated neighbours already cover the conflicts and the extra projection only costs generalisation.
+    preserve_energy_after: int = 0
     # threshold "auto": tau = the best overlap any background text reaches against the bank, plus this.
     threshold_margin: float = 0.02
     extra: dict = field(default_factory=dict)  # free-form notes carried with a preset
@@ -92,6 +95,8 @@ class MemoirConfig:
             bad("preserve_max_rank", self.preserve_max_rank, "must lie in (0, 1]")
         if not 0.0 <= float(self.preserve_energy) < 1.0:
             bad("preserve_energy", self.preserve_energy, "must lie in [0, 1)")
+        if not isinstance(self.preserve_energy_after, int) or self.preserve_energy_after < 0:
+            bad("preserve_energy_after", self.preserve_energy_after, "must be a non-negative integer")
         if not 0.0 <= float(self.preserve_min_overlap) <= 1.0:
             bad("preserve_min_overlap", self.preserve_min_overlap, "must lie in [0, 1]")
         if not 0.0 <= float(self.threshold_margin) <= 1.0:

@@ -288,7 +288,7 @@ class MemoirEditor(PromptRouting):
                     preserved = self.keys.neighbours(keys.mean(0), cols[0], cfg.preserve_neighbours,
                                                      self._conflicting_edits(packed[0], bank_before))
                     preserved, basis = self.keys.within_rank(preserved, cols[0], max_rank)
-                if cfg.preserve_energy > 0:
+                if cfg.preserve_energy > 0 and len(bank_before[1]) >= cfg.preserve_energy_after:
                     used = 0 if basis is None else basis.shape[1]
                     extra = self.keys.principal_directions(cols[0], cfg.preserve_energy, max_rank - used, basis)
                     if extra is not None:

@@ -266,3 +266,21 @@ def test_energy_preservation_protects_every_earlier_edit():
 
     assert drift(0.0) > 1e-3
     assert drift(0.999) < 1e-4
+
+
+def test_energy_preservation_starts_after_the_given_bank_size(monkeypatch):
+    calls = []
+    real = KeyStore.principal_directions
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(KeyStore, "principal_directions", counting)
+    editor = _editor(preserve_neighbours=0, preserve_energy=0.9, preserve_energy_after=2)
+    for prompt, target in EDITS:
+        editor.edit(prompt, target)
+    assert calls == [2]  # only the third edit, with two earlier edits in the bank
+    assert len(editor.keys) == 3  # keys are stored from the start, for when it switches on
+    with pytest.raises(ValueError, match="preserve_energy_after"):
+        MemoirConfig(preserve_energy_after=-1)
