@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 DEFAULT_METRICS = ("rel", "gen", "loc", "mean", "rel_ppl", "rel_em", "gen_em")
 LABELS = {
@@ -54,9 +54,7 @@ def series(results: list[dict], curve: bool = False):
     by_config = defaultdict(list)
     for r in results:
         by_config[(run_label(r), pathlib.Path(r.get("data", "?")).stem, _config_digest(r))].append(r)
-    clashes = defaultdict(int)
-    for label, dataset, _ in by_config:
-        clashes[(label, dataset)] += 1
+    clashes = Counter((label, dataset) for label, dataset, _ in by_config)
     groups = defaultdict(list)
     for (label, dataset, digest), runs in by_config.items():
         key = (f"{label} #{digest}" if clashes[(label, dataset)] > 1 else label, dataset)

@@ -66,8 +66,7 @@ class PrePassCache:
         path = self._file(key)
         try:
             doc = json.loads(path.read_text())
-            return {"pre_loc": {int(k): v for k, v in doc["pre_loc"].items()}, "pre_rows": doc["pre_rows"],
-                    "pre_seconds": float(doc["pre_seconds"])}
+            return {"pre_loc": {int(k): v for k, v in doc["pre_loc"].items()}, "pre_rows": list(doc["pre_rows"])}
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged entry is recomputed, not fatal
