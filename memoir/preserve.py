@@ -146,12 +146,19 @@ class KeyStore:
         k = cols.numel()
         where = self._column_map(cols)
         device = where.device
-        cov = torch.zeros(k, k, dtype=torch.float64, device=device)
-        for i, (_, values) in self._entries.items():
+        rows = []
+        for j_cols, values in self._entries.values():
+            at = where[j_cols]
+            shared = at >= 0
             total = values.double().pow(2).sum()
-            if total > 0:
-                u = self._restricted(i, where, k).double() / total.sqrt()
-                cov += u.T @ u
+            if total > 0 and bool(shared.any()):  # an edit sharing no column adds nothing
+                u = values.new_zeros(values.shape[0], k, dtype=torch.float64)
+                u[:, at[shared]] = values[:, shared].double() / total.sqrt()
+                rows.append(u)
+        if not rows:
+            return None
+        stacked = torch.cat(rows)
+        cov = stacked.T @ stacked  # one product instead of one per stored edit
         if exclude is not None:
             p = torch.eye(k, dtype=torch.float64, device=device) - exclude.double() @ exclude.double().T
             cov = p @ cov @ p

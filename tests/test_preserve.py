@@ -250,6 +250,35 @@ def test_principal_directions_capture_the_stored_keys_energy():
         MemoirConfig(preserve_energy=1.0)
 
 
+def test_principal_directions_match_the_dense_covariance_and_skip_disjoint_edits():
+    """The stacked product equals the per-edit sum of the docstring; an edit outside cols changes nothing."""
+    d, g = 16, torch.Generator().manual_seed(3)
+    cols = torch.tensor([2, 3, 5, 7, 11, 13])
+    store = KeyStore()
+    for i in range(5):
+        rows = torch.zeros(1 + i % 3, d)
+        mask = torch.randperm(d, generator=g)[:6]
+        rows[:, mask] = torch.randn(rows.shape[0], 6, generator=g)
+        store.add(i, rows)
+    cov = torch.zeros(cols.numel(), cols.numel(), dtype=torch.float64)
+    for i in store.ids():
+        dense = store.dense(i).double()
+        u = dense[:, cols] / dense.pow(2).sum().sqrt()
+        cov += u.T @ u
+    evals, evecs = torch.linalg.eigh(cov)
+    q = store.principal_directions(cols, 0.95, max_rank=6)
+    share = evals.flip(0).cumsum(0) / evals.sum()
+    r = int((share >= 0.95).nonzero()[0]) + 1
+    assert q.shape == (cols.numel(), r)
+    top = evecs.flip(1)[:, :r].float()
+    torch.testing.assert_close(q @ q.T, top @ top.T, atol=1e-5, rtol=0)  # same subspace
+    disjoint = torch.zeros(4, d)
+    disjoint[:, [0, 1, 4]] = torch.randn(4, 3, generator=g)
+    store.add(99, disjoint)
+    again = store.principal_directions(cols, 0.95, max_rank=6)
+    torch.testing.assert_close(again @ again.T, q @ q.T, atol=1e-5, rtol=0)
+
+
 def test_energy_preservation_protects_every_earlier_edit():
     """Without neighbours, the principal directions of the earlier keys keep edit 0's output."""
     def drift(energy):
