@@ -21,8 +21,35 @@ DECAY_SCOPES = ("all", "active", "none")
 PROTECTION_MODES = ("absolute", "relative")
 
 
+def read_mapping(path) -> dict:
+    """The mapping stored in a YAML or JSON file (by suffix), with clear errors otherwise."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config fields")
+    return data
+
+
+class DictFields:
+    """``to_dict`` / ``from_dict`` for config dataclasses; unknown keys are an error, not ignored."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
 @dataclass
-class MemoirConfig:
+class MemoirConfig(DictFields):
     """Hyper-parameters of one MEMOIR memory.
 
     Defaults follow the reference code (hparams/MEMOIR/llama3-8b.yaml); ``None`` means
@@ -133,17 +160,6 @@ class MemoirConfig:
         return dataclasses.replace(self, layer=layer, top_k=top_k)
 
     # ------------------------------------------------------------------ serialisation
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MemoirConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MemoirConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
-
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
@@ -157,14 +173,7 @@ class MemoirConfig:
 
     @classmethod
     def load(cls, path) -> "MemoirConfig":
-        path = pathlib.Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file not found: {path}")
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of MemoirConfig fields")
-        return cls.from_dict(data)
+        return cls.from_dict(read_mapping(path))
 
     @classmethod
     def preset(cls, name: str) -> "MemoirConfig":

@@ -35,6 +35,20 @@ def test_config_yaml_json_round_trip(tmp_path):
         MemoirConfig.load(tmp_path / "bad.yaml")
 
 
+def test_every_config_class_names_unknown_fields_and_bad_files(tmp_path):
+    from memoir.baselines import FTConfig, GraceConfig
+
+    for cls in (MemoirConfig, FTConfig, GraceConfig):
+        assert cls.from_dict(cls().to_dict()) == cls()
+        with pytest.raises(ValueError, match=f"unknown {cls.__name__} field.*bogus"):
+            cls.from_dict({"bogus": 1})
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        MemoirConfig.load(tmp_path / "list.yaml")
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        MemoirConfig.load(tmp_path / "missing.yaml")
+
+
 def test_presets_load():
     assert MemoirConfig.preset("reference") == MemoirConfig()
     assert MemoirConfig.preset("smollm2").layer is not None

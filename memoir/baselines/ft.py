@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from memoir.batching import build_batch
+from memoir.config import DictFields
 from memoir.baselines._train import train_on_target
 from memoir.models import locate_target
 
 
 @dataclass
-class FTConfig:
+class FTConfig(DictFields):
     layer: int | None = None
     n_iter: int = 30
     lr: float = 5e-4
@@ -33,16 +34,6 @@ class FTConfig:
         if self.n_iter < 0 or self.lr <= 0:
             raise ValueError(f"FTConfig: n_iter must be >= 0 and lr > 0 (got {self.n_iter}, {self.lr})")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown FTConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
 
 
 @dataclass

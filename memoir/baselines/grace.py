@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from memoir.batching import build_batch
+from memoir.config import DictFields
 from memoir.baselines._train import train_on_target
 from memoir.models import locate_target
 from memoir.routing import PromptRouting
@@ -38,7 +39,7 @@ REPLACEMENTS = ("last", "after")
 
 
 @dataclass
-class GraceConfig:
+class GraceConfig(DictFields):
     layer: int | None = None
     n_iter: int = 30
     lr: float = 1.0
@@ -56,16 +57,6 @@ class GraceConfig:
         if self.eps <= 0 or self.lr <= 0 or self.n_iter < 0:
             raise ValueError("GraceConfig: eps and lr must be > 0, n_iter >= 0")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "GraceConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown GraceConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
 
 
 def last_positions(span: torch.Tensor) -> torch.Tensor:

@@ -90,20 +90,12 @@ def add_plot_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _load_configs(args):
-    import yaml
-
     from memoir.baselines import FTConfig, GraceConfig
-    from memoir.config import PRESET_DIR, MemoirConfig
+    from memoir.config import PRESET_DIR, MemoirConfig, read_mapping
 
     ft_data, grace_data = {}, {}
     if args.config:
-        path = pathlib.Path(args.config)
-        if not path.exists():
-            raise FileNotFoundError(f"config file not found: {path}")
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping")
+        data = read_mapping(args.config)
         ft_data = data.pop("ft", None) or {}
         grace_data = data.pop("grace", None) or {}
         mcfg = MemoirConfig.from_dict(data)
