@@ -19,6 +19,11 @@
 #   THREADS                     torch CPU threads
 #   EXTRA_ARGS                  appended to every run (e.g. "--device cuda", "--no-em")
 #   SKIP_EXISTING [1]           do not redo runs whose JSON exists
+#   MEMOIR_NAME [memoir-relgate]  run name of MEMOIR outputs (<data>_<name>_n<N>.json); the
+#                               current smollm2 preset's runs are called memoir-relgate
+#   CHECKPOINT_EVERY [10]       snapshot every K edits into <output>.partial/; a run whose
+#                               snapshot exists is resumed (--resume), so re-running the script
+#                               after an interruption loses at most K edits
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +38,8 @@ TEMPORAL_ARGS=${TEMPORAL_ARGS:-}
 ZSRE_EVAL_EVERY=${ZSRE_EVAL_EVERY:-100}
 SKIP_EXISTING=${SKIP_EXISTING:-1}
 EXTRA_ARGS=${EXTRA_ARGS:-}
+MEMOIR_NAME=${MEMOIR_NAME:-memoir-relgate}
+CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-10}
 if [[ -z "${CONFIG_ARGS+x}" ]]; then
   if [[ -f memoir/presets/smollm2.yaml ]]; then CONFIG_ARGS="--preset smollm2"; else CONFIG_ARGS=""; fi
 fi
@@ -47,12 +54,17 @@ mkdir -p "$OUT"
 run() {  # run NAME DATA FORMAT N METHOD [extra args...]
   local name=$1 data=$2 fmt=$3 n=$4 method=$5; shift 5
   [[ -n "${N_OVERRIDE:-}" ]] && n=$N_OVERRIDE
-  local out="$OUT/${name}_${method}_n${n}.json"
+  local label=$method
+  [[ $method == memoir ]] && label=$MEMOIR_NAME
+  local out="$OUT/${name}_${label}_n${n}.json"
   if [[ "$SKIP_EXISTING" == 1 && -f "$out" ]]; then echo "skip $out (exists)"; return; fi
-  echo "=== $name N=$n $method -> $out"
+  local resume=""
+  [[ -d "$out.partial" ]] && resume="--resume"
+  echo "=== $name N=$n $method -> $out ${resume:+(resuming)}"
   # shellcheck disable=SC2086
   $PYTHON -m memoir.eval.cli_eval eval --model "$MODEL" --data "$data" --format "$fmt" --n "$n" \
-    --method "$method" $CONFIG_ARGS "$@" $EXTRA_ARGS --output "$out" 2>&1 | tee "${out%.json}.log"
+    --method "$method" $CONFIG_ARGS "$@" $EXTRA_ARGS --checkpoint-every "$CHECKPOINT_EVERY" $resume \
+    --output "$out" 2>&1 | tee -a "${out%.json}.log"
 }
 
 for method in $METHODS; do

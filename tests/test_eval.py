@@ -683,3 +683,65 @@ def test_model_digest_tracks_weights_and_records_key(tiny_model_dir):
     assert pass_key(after, recs, "qa", 16) != pass_key(after, other, "qa", 16)
     assert pass_key(after, recs, "qa", 16) != pass_key(after, recs, "ppl", 16)
     assert pass_key(after, recs, "qa", 16) != pass_key(before, recs, "qa", 16)
+
+
+def test_run_eval_script_names_runs_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    """benchmarks/run_eval.sh end to end on the tiny model: MEMOIR outputs carry MEMOIR_NAME,
+    existing outputs are skipped, and a run whose snapshot was left by a crash is resumed."""
+    import os
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+
+    from memoir.eval import methods
+    from memoir.eval.cli_eval import main
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    zsre = tmp_path / "data" / "zsre" / "zsre_mend_eval_portability_gpt4.public.json"
+    zsre.parent.mkdir(parents=True)
+    zsre.write_text(json.dumps(CLI_DATA))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("n_iter: 2\nnum_context_templates: 0\nlayer: 2\nthreshold: 0.4\n")
+    out = tmp_path / "out"
+    config_args = ["--config", str(cfg), "--quiet", "--no-em"]
+    env = dict(os.environ, PYTHON=sys.executable, MODEL=str(tiny_model_dir), DATA_DIR=str(tmp_path / "data"),
+               OUT=str(out), ONLY="zsre", METHODS="memoir ft", N_OVERRIDE="2", CONFIG_ARGS=" ".join(config_args),
+               ZSRE_EVAL_EVERY="0", CHECKPOINT_EVERY="1", MEMOIR_CACHE=str(tmp_path / "cache"))
+    env.pop("THREADS", None)
+
+    def run_script():
+        proc = subprocess.run(["bash", str(repo / "benchmarks" / "run_eval.sh")], env=env, cwd=repo,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    log = run_script()
+    assert json.loads((out / "zsre_memoir-relgate_n2.json").read_text())["n_edits"] == 2
+    assert json.loads((out / "zsre_ft_n2.json").read_text())["method"] == "ft"
+    assert log.count("skip ") == 4  # N = 100 and 732 map to n2 under N_OVERRIDE: run once per method
+    assert not list(out.glob("*.partial"))
+
+    # Crash an FT-L run after its first edit, with the arguments the script passes ...
+    target = out / "zsre_ft_n3.json"
+    real_edit = methods.FTMethod.edit
+
+    def crashing_edit(self, prompt, target_text, position):
+        if position == 1:
+            raise _Crash("killed")
+        return real_edit(self, prompt, target_text, position)
+
+    monkeypatch.setattr(methods.FTMethod, "edit", crashing_edit)
+    monkeypatch.setenv("MEMOIR_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(_Crash):
+        main(["eval", "--model", str(tiny_model_dir), "--data", str(zsre), "--format", "zsre", "--n", "3",
+              "--method", "ft", *config_args, "--checkpoint-every", "1", "--output", str(target)])
+    assert (out / "zsre_ft_n3.json.partial").is_dir() and not target.exists()
+    # ... and the script picks it up.
+    env.update(METHODS="ft", N_OVERRIDE="3")
+    log = run_script()
+    assert "(resuming)" in log
+    assert json.loads(target.read_text())["resumed_at"] == [1]
+    assert not (out / "zsre_ft_n3.json.partial").exists()
