@@ -500,6 +500,9 @@ def test_cli_plot(tmp_path, tiny_model_dir):
     assert main(["plot", str(tmp_path / "ft.json"), str(tmp_path / "ft1.json"), "--output", str(out)]) == 0
     assert out.stat().st_size > 1000
     assert main(["plot", str(tmp_path / "ft.json"), "--curve", "--output", str(tmp_path / "c.png")]) == 0
+    assert main(["plot", str(tmp_path / "ft.json"), "--by-age", "2", "--output", str(tmp_path / "a.png")]) == 0
+    assert (tmp_path / "a.png").stat().st_size > 1000
+    assert main(["plot", str(tmp_path / "ft.json"), "--by-age", "2", "--curve", "--output", str(tmp_path / "x.png")]) == 2
 
 
 def test_cli_reports_bad_input(tmp_path, tiny_model_dir, capsys):
@@ -630,6 +633,23 @@ def test_plot_series_separates_variants_of_one_method():
     assert len(preset_lines) == 2
     assert sorted(len(data[k]) for k in preset_lines) == [1, 2]
     assert [n for n, _ in data[("ft", "zsre")]] == [10, 100]  # the MEMOIR preset name does not split a baseline
+
+
+def test_age_profile_averages_records_by_edit_position():
+    from memoir.eval.plot import age_profile
+
+    records = [{"rel": 0.0, "gen": 1.0, "loc": 1.0}, {"rel": 1.0, "gen": None, "loc": 1.0},
+               {"rel": 0.5, "gen": 0.5, "loc": 0.0, "rel_ppl": 4.0}]
+    prof = age_profile({"records": records}, 2)
+    assert [x for x, _ in prof] == [0.5, 2.0]  # middle position of each block, oldest first
+    first, last = prof[0][1], prof[1][1]
+    assert first["rel"] == 0.5 and first["gen"] == 1.0 and first["loc"] == 1.0 and first["rel_ppl"] is None
+    assert first["mean"] == pytest.approx((0.5 + 1.0 + 1.0) / 3)
+    assert last["rel_ppl"] == 4.0 and last["mean"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="no per-edit records"):
+        age_profile({"records": []}, 2)
+    with pytest.raises(ValueError, match="block"):
+        age_profile({"records": records}, 0)
 
 
 # ----------------------------------------------------------------------------- shared pre-edit pass

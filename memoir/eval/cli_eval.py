@@ -85,6 +85,9 @@ def add_plot_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="image path (png/pdf/svg)")
     p.add_argument("--metrics", nargs="+", default=None, help="metrics to plot (default: those present)")
     p.add_argument("--curve", action="store_true", help="plot the eval-every forgetting curves instead")
+    p.add_argument("--by-age", type=int, default=None, metavar="K",
+                   help="plot each run's per-edit metrics against the edit's position (means over blocks of K "
+                        "edits, oldest first): which edits a long stream forgets")
     p.set_defaults(func=cmd_plot)
     return p
 
@@ -231,7 +234,7 @@ def format_summary(result: dict) -> str:
 def cmd_plot(args) -> int:
     from memoir.eval.plot import plot_results
 
-    path = plot_results(args.results, args.output, metrics=args.metrics, curve=args.curve)
+    path = plot_results(args.results, args.output, metrics=args.metrics, curve=args.curve, by_age=args.by_age)
     print(f"wrote {path}")
     return 0
 

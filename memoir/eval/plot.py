@@ -66,14 +66,49 @@ def series(results: list[dict], curve: bool = False):
     return {k: sorted(v, key=lambda t: t[0]) for k, v in groups.items() if v}
 
 
-def plot_results(paths, output, metrics=None, curve: bool = False) -> pathlib.Path:
+AGE_METRICS = ("rel", "gen", "loc", "rel_ppl", "ood_acc", "rel_em", "gen_em")
+
+
+def age_profile(result: dict, block: int) -> list[tuple[float, dict]]:
+    """Per-record metrics of one run averaged over blocks of ``block`` consecutive edits.
+
+    ``[(position of the block's middle edit, {metric: mean, "mean": ...}), ...]``, oldest edit first:
+    after N sequential edits, how well the edits made early are kept compared with the recent ones.
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    records = result.get("records") or []
+    if not records:
+        raise ValueError(f"{result.get('_path', 'result')}: no per-edit records to profile")
+    out = []
+    for start in range(0, len(records), block):
+        chunk = records[start : start + block]
+        point = {}
+        for m in AGE_METRICS:
+            vals = [r[m] for r in chunk if isinstance(r.get(m), (int, float))]
+            point[m] = sum(vals) / len(vals) if vals else None
+        present = [point[k] for k in ("rel", "gen", "loc") if point[k] is not None]
+        point["mean"] = sum(present) / len(present) if present else None
+        out.append((start + (len(chunk) - 1) / 2, point))
+    return out
+
+
+def plot_results(paths, output, metrics=None, curve: bool = False, by_age: int | None = None) -> pathlib.Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results = load_results(paths)
-    data = series(results, curve)
+    if by_age:
+        if curve:
+            raise ValueError("--curve and --by-age are two different x axes: pick one")
+        data = {}
+        for r in results:  # one line per file: the same method at two N profiles differently
+            key = (run_label(r), pathlib.Path(r.get("data", "?")).stem, f"N={r['n_edits']}")
+            data[key] = age_profile(r, by_age)
+    else:
+        data = series(results, curve)
     if not data:
         raise ValueError("nothing to plot" + (" (no eval-every curves in these files)" if curve else ""))
     present = [m for m in (metrics or DEFAULT_METRICS)
@@ -91,8 +126,9 @@ def plot_results(paths, output, metrics=None, curve: bool = False) -> pathlib.Pa
             if xs:
                 ax.plot(xs, ys, marker="o", label=" / ".join(k for j, k in enumerate(key) if not (one_dataset and j == 1)))
         ax.set_title(LABELS.get(m, m))
-        ax.set_xlabel("edits made" if curve else "number of sequential edits N")
-        if any(n > 0 for pts in data.values() for n, _ in pts) and not curve:
+        ax.set_xlabel(f"edit position, oldest first (means over {by_age} edits), after all N" if by_age
+                      else "edits made" if curve else "number of sequential edits N")
+        if any(n > 0 for pts in data.values() for n, _ in pts) and not curve and not by_age:
             ax.set_xscale("log")
         if m != "rel_ppl":
             ax.set_ylim(-0.02, 1.02)
