@@ -39,9 +39,8 @@ ZSRE = ROOT.parent / "shared" / "data" / "zsre" / "zsre_mend_eval_portability_gp
 
 
 def pooled_inputs(editor, layers, texts, batch_size=32, keep_tokens=False):
-    """Per layer: ``[N, D]`` mean over each text's prompt tokens of that layer's FFN-output input.
-
-    With ``keep_tokens`` also the per-token rows of every text (for background statistics).
+    """``(pooled, tokens)`` per layer: ``[N, D]`` mean over each text's prompt tokens of that layer's
+    FFN-output input, and (only with ``keep_tokens``, for background statistics) every token's row.
     """
     modules = {i: locate_target(editor.model, i).module for i in layers}
     seen = {}
@@ -65,8 +64,8 @@ def pooled_inputs(editor, layers, texts, batch_size=32, keep_tokens=False):
     finally:
         for h in hooks:
             h.remove()
-    out = {i: torch.cat(v) for i, v in pooled.items()}
-    return (out, {i: torch.cat(v) for i, v in tokens.items()}) if keep_tokens else out
+    return ({i: torch.cat(v) for i, v in pooled.items()},
+            {i: torch.cat(v) for i, v in tokens.items() if v})
 
 
 def top_mask(z, k):
@@ -96,6 +95,7 @@ def evaluate(z: dict, k: int, margin: float, ms=(3, 10)) -> dict:
         row[f"loc_fp_{tau_name}"] = float((loc_top >= tau).float().mean())
     best_cs, best_ci = cs["reph"].max(1)
     row["top1_cos"] = float((best_ci == own).float().mean())
+    order = ov["reph"].argsort(dim=1, descending=True, stable=True)  # mask shortlists, best first
     # "All but the top": centre on the bank mean and drop its r leading principal directions, which
     # hold what every ZsRE question shares (the question form) rather than what tells them apart.
     centre = z["src"].mean(0)
@@ -106,12 +106,11 @@ def evaluate(z: dict, k: int, margin: float, ms=(3, 10)) -> dict:
             return unit(x - (x @ vh[:r].T) @ vh[:r]) if r else unit(x)
         sim = strip(z["reph"]) @ strip(z["src"]).T
         row[f"top1_cos_abtt{r}"] = float((sim.argmax(1) == own).float().mean())
-        short = ov["reph"].argsort(dim=1, descending=True, stable=True)[:, :10]
+        short = order[:, :10]
         pick = short.gather(1, sim.gather(1, short).argmax(1, keepdim=True)).squeeze(1)
         row[f"top1_rerank@10_abtt{r}"] = float((pick == own).float().mean())
     row["gen_hit_cos_auto"] = float(((best_ci == own) & (best_cs >= tau_cos)).float().mean())
     row["loc_fp_cos_auto"] = float((cs["loc"].max(1).values >= tau_cos).float().mean())
-    order = ov["reph"].argsort(dim=1, descending=True, stable=True)
     for mm in ms:
         short = order[:, :mm]
         row[f"recall_mask@{mm}"] = float((short == own[:, None]).any(1).float().mean())
@@ -143,7 +142,7 @@ def main():
         bg_pooled, bg_tokens, pooled = torch.load(cache)
     else:
         bg_pooled, bg_tokens = pooled_inputs(editor, args.layers, editor._background_texts, keep_tokens=True)
-        pooled = {p: pooled_inputs(editor, args.layers, t) for p, t in texts.items()}
+        pooled = {p: pooled_inputs(editor, args.layers, t)[0] for p, t in texts.items()}
         if cache is not None:
             torch.save((bg_pooled, bg_tokens, pooled), cache)
     rows = []

@@ -530,6 +530,19 @@ class _Crash(RuntimeError):
     pass
 
 
+def _crash_edits_at(monkeypatch, cls, position):
+    """Make ``cls.edit`` raise at edit ``position`` (a killed run); returns the real method to put back."""
+    real_edit = cls.edit
+
+    def crashing_edit(self, prompt, target, pos):
+        if pos == position:
+            raise _Crash("killed")
+        return real_edit(self, prompt, target, pos)
+
+    monkeypatch.setattr(cls, "edit", crashing_edit)
+    return real_edit
+
+
 def _eval_argv(model_dir, data, method, out, *extra):
     return ["eval", "--model", str(model_dir), "--data", str(data), "--n", "4", "--method", method, "--n-iter", "3",
             "--layer", "2", "--threshold", "0.4", "--quiet", "--output", str(out), *extra]
@@ -546,15 +559,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, me
     assert not (tmp_path / "whole.json.partial").exists()  # removed once the results are written
 
     cls = {"memoir": methods.MemoirMethod, "ft": methods.FTMethod, "grace": methods.GraceMethod}[method]
-    real_edit = cls.edit
-
-    def crashing_edit(self, prompt, target, position):
-        if position == 3:
-            raise _Crash("killed")
-        return real_edit(self, prompt, target, position)
-
     out = tmp_path / "cut.json"
-    monkeypatch.setattr(cls, "edit", crashing_edit)
+    real_edit = _crash_edits_at(monkeypatch, cls, 3)
     with pytest.raises(_Crash):
         main(_eval_argv(tiny_model_dir, data, method, out, "--checkpoint-every", "2"))
     monkeypatch.setattr(cls, "edit", real_edit)
@@ -587,14 +593,7 @@ def test_checkpoint_from_before_an_option_existed_resumes(tmp_path, tiny_model_d
 
     data = _write(tmp_path, "zsre.json", CLI_DATA + [dict(ZSRE, src="The tallest mountain is", alt="Mont Blanc")])
     out = tmp_path / "cut.json"
-    real_edit = methods.MemoirMethod.edit
-
-    def crashing_edit(self, prompt, target, position):
-        if position == 3:
-            raise _Crash("killed")
-        return real_edit(self, prompt, target, position)
-
-    monkeypatch.setattr(methods.MemoirMethod, "edit", crashing_edit)
+    real_edit = _crash_edits_at(monkeypatch, methods.MemoirMethod, 3)
     with pytest.raises(_Crash):
         main(_eval_argv(tiny_model_dir, data, "memoir", out, "--checkpoint-every", "2"))
     monkeypatch.setattr(methods.MemoirMethod, "edit", real_edit)
@@ -746,14 +745,7 @@ def test_run_eval_script_names_runs_and_resumes(tmp_path, tiny_model_dir, monkey
 
     # Crash an FT-L run after its first edit, with the arguments the script passes ...
     target = out / "zsre_ft_n3.json"
-    real_edit = methods.FTMethod.edit
-
-    def crashing_edit(self, prompt, target_text, position):
-        if position == 1:
-            raise _Crash("killed")
-        return real_edit(self, prompt, target_text, position)
-
-    monkeypatch.setattr(methods.FTMethod, "edit", crashing_edit)
+    _crash_edits_at(monkeypatch, methods.FTMethod, 1)
     monkeypatch.setenv("MEMOIR_CACHE", str(tmp_path / "cache"))
     with pytest.raises(_Crash):
         main(["eval", "--model", str(tiny_model_dir), "--data", str(zsre), "--format", "zsre", "--n", "3",
