@@ -14,12 +14,12 @@ import argparse
 import copy
 import json
 import pathlib
-import platform
 import time
 
 import torch
 
 from memoir import MemoirConfig, MemoirEditor, load_model
+from memoir.machine import machine_info
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ZSRE = ROOT.parent / "shared" / "data" / "zsre" / "zsre_mend_eval_portability_gpt4.public.json"
@@ -64,8 +64,7 @@ def main():
         "preset": args.preset,
         "config": editors["cached"].config.to_dict(),
         "n_edits": len(records),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "threads": torch.get_num_threads()},
+        "machine": machine_info(),
         "seconds_per_edit": {k: sum(v) / len(v) for k, v in times.items()},
         "speedup_cached_vs_full_forward": sum(times["full_forward"]) / sum(times["cached"]),
         "same_steps": steps["cached"] == steps["full_forward"],

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,19 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from memoir.machine import machine_info
+
 D_OUT, D_IN, K = 576, 1536, 439  # SmolLM2-135M mlp.down_proj, MEMOIR k
 SHAPES = [(1, 1), (4, 1), (1, 32), (12, 30)]
 OUT = Path(__file__).resolve().parent / "results" / "residual_cpu.json"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _time_interleaved(fns: dict, repeats: int, min_time: float = 0.002) -> dict:
@@ -162,12 +153,8 @@ def main() -> None:
         "timing": "min over interleaved samples (median also given); ratios from the min",
         "all_rows_active": True,
         "machine": {
-            "cpu": _cpu_name(),
-            "logical_cpus": os.cpu_count(),
+            **machine_info("cpu"),
             "torch_default_threads": default_threads,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
             "load_average_at_end": load,
             "note": "shared machine: other processes may have been running",
         },

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memoir import ops  # noqa: E402
+from memoir.machine import machine_info as shared_machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THRESHOLD = 0.5
@@ -58,40 +58,10 @@ PEAK_GBS = [
 
 
 # ----------------------------------------------------------------------------- machine info
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return sorted(have & {"popcnt", "avx2", "avx512f", "avx512_vpopcntdq", "avx512bw"})
-    except OSError:
-        pass
-    return []
-
-
 def machine_info(device: str) -> dict:
-    info = {
-        "cpu_model": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "os_cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "memoir_backend": ops.backend(),
-        "memoir_cpu_isa": ops.cpu_isa(),
-        "loadavg_start": os.getloadavg(),
-    }
+    """The shared record plus what this benchmark depends on: kernel backend, ISA, faiss."""
+    info = shared_machine_info(device)
+    info.update(numpy=np.__version__, memoir_backend=ops.backend(), memoir_cpu_isa=ops.cpu_isa())
     try:
         import faiss
 
@@ -99,14 +69,6 @@ def machine_info(device: str) -> dict:
         info["faiss_omp_threads"] = faiss.omp_get_max_threads()
     except ImportError:
         info["faiss"] = None
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        info.update(
-            gpu=props.name,
-            gpu_sms=props.multi_processor_count,
-            gpu_mem_gib=round(props.total_memory / 2**30, 1),
-            cuda=torch.version.cuda,
-        )
     return info
 
 
@@ -313,7 +275,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("median time per call (ms, log)")
     m = result["machine"]
-    ax.set_title(f"best_match over a packed mask bank: {m.get('gpu', m['cpu_model'])}, {m['torch_threads']} threads",
+    ax.set_title(f"best_match over a packed mask bank: {m.get('gpu') or m.get('cpu') or m.get('cpu_model')}, {m['torch_threads']} threads",
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -44,6 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memoir import kernels  # noqa: E402
 from memoir.kernels import choose_variant, residual_linear, residual_linear_gathered_torch, tophash  # noqa: E402
+from memoir.machine import machine_info  # noqa: E402
 from memoir.ops import pack_bits  # noqa: E402
 from memoir.tophash import make_permutation, prompt_features  # noqa: E402
 
@@ -246,8 +246,7 @@ def main() -> None:
         else "one wall-clock call in the interpreter (not a performance number)",
         "notes": "residual = cuBLAS base + Triton residual; overhead_vs_base = t / t(F.linear(a, W0)) - 1; "
                  "achieved_GBps = (W0 + activations + min active memory bytes) / t; * = variant chosen by shape",
-        "machine": {"torch": torch.__version__, "triton": __import__("triton").__version__,
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine_info(),
         "residual": res,
         "tophash": th,
     }

@@ -13,12 +13,12 @@ import copy
 import json
 import os
 import pathlib
-import platform
 
 import torch
 
 from memoir import MemoirConfig, MemoirEditor, load_model, ops
 from memoir.batching import build_batch
+from memoir.machine import machine_info
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ZSRE = ROOT.parent / "shared" / "data" / "zsre" / "zsre_mend_eval_portability_gpt4.public.json"
@@ -62,7 +62,7 @@ def main():
     result = {
         "n_edits": len(records),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        "machine": platform.platform(),
+        "machine": machine_info(args.device),
         "auto_backend": backend,
         "identical_top1": {f: bool(torch.equal(ref[f], auto[f])) for f in ("src", "rephrase", "loc")},
         "identical_routes": ref["routes"] == auto["routes"],

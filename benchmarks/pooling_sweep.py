@@ -18,7 +18,7 @@ import time
 import torch
 
 from memoir import MemoirConfig, MemoirEditor, load_model
-from memoir.eval.runner import machine_info
+from memoir.machine import machine_info
 from routing_options import layer_inputs  # same folder: python benchmarks/pooling_sweep.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

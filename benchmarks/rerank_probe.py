@@ -30,7 +30,7 @@ import torch
 
 from memoir import MemoirConfig, MemoirEditor, load_model
 from memoir.batching import build_batch
-from memoir.eval.runner import machine_info
+from memoir.machine import machine_info
 from memoir.models import locate_target
 from memoir.replay import keep_logits
 

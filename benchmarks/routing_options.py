@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import time
 
 import torch
 
 from memoir import MemoirConfig, MemoirEditor, load_model
 from memoir.batching import build_batch
+from memoir.machine import machine_info
 from memoir.ops import best_match
 from memoir.replay import keep_logits
 from memoir.tophash import masks_from_features, prompt_features
@@ -90,7 +90,7 @@ def main():
                   flush=True)
     out = {"data": ZSRE.name, "n_records": len(records), "model": "SmolLM2-135M-Instruct",
            "config": "smollm2 preset (layer 27, k 230, feature_scaling std)", "margin": args.margin,
-           "machine": f"{platform.machine()} {platform.processor() or ''}, 1 thread".strip(),
+           "machine": machine_info(),
            "seconds": time.time() - t0, "results": results}
     pathlib.Path(args.output).write_text(json.dumps(out, indent=1))
     print("wrote", args.output)

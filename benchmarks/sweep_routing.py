@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import platform
 import time
 
 import torch
@@ -22,6 +21,7 @@ import torch
 from memoir import load_model, locate_target
 from memoir.batching import build_batch
 from memoir.editor import default_background_texts
+from memoir.machine import machine_info
 from memoir.ops import best_match, overlap_counts
 from memoir.tophash import make_permutation, masks_from_features
 
@@ -121,7 +121,7 @@ def main():
         "data": str(ZSRE.name),
         "n_records": len(records),
         "model": "SmolLM2-135M-Instruct",
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": machine_info(),
         "seconds": time.time() - t0,
         "results": results,
     }

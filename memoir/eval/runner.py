@@ -24,15 +24,12 @@ prompts routed to some edit.
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import platform
 import time
-
-import torch
 
 from memoir.eval import metrics
 from memoir.eval.datasets import EditRecord
+from memoir.machine import machine_info
 
 SUMMARY_KEYS = ("rel", "gen", "loc", "rel_ppl", "ood_acc", "rel_em", "gen_em", "route_rel", "route_gen", "route_loc_any")
 
@@ -47,30 +44,6 @@ def json_default(obj):
         except (ValueError, RuntimeError):
             return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def machine_info() -> dict:
-    import transformers
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return info
 
 
 class _Routes:
