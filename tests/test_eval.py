@@ -632,6 +632,10 @@ def test_plot_series_separates_variants_of_one_method():
     assert len(preset_lines) == 2
     assert sorted(len(data[k]) for k in preset_lines) == [1, 2]
     assert [n for n, _ in data[("ft", "zsre")]] == [10, 100]  # the MEMOIR preset name does not split a baseline
+    # one config reached through a YAML and, later, as the preset: one line that names both
+    same = series([result(50, "cfg/smollm2_candidate.yaml", {"k": 4}), result(600, "preset:smollm2", {"k": 4})])
+    assert list(same) == [("memoir (preset smollm2 = smollm2_candidate)", "zsre")]
+    assert [n for n, _ in same[("memoir (preset smollm2 = smollm2_candidate)", "zsre")]] == [50, 600]
 
 
 def test_age_profile_averages_records_by_edit_position():

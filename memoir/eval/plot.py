@@ -34,29 +34,41 @@ def _config_digest(r: dict) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
-def run_label(r: dict) -> str:
-    """``method`` plus where its config came from: ``memoir (smollm2_energy90)``, ``memoir (preset smollm2)``."""
+def _config_name(r: dict) -> str | None:
+    """Where a MEMOIR run's config came from (``preset smollm2``, ``smollm2_energy90``); None otherwise."""
     source = str(r.get("config_source") or "default")
     if source == "default" or r["method"] != "memoir":
-        return r["method"]  # baselines take their own defaults; the MEMOIR preset does not apply to them
+        return None  # baselines take their own defaults; the MEMOIR preset does not apply to them
     if source.startswith("preset:"):
-        return f"{r['method']} (preset {source.split(':', 1)[1]})"
-    return f"{r['method']} ({pathlib.Path(source).stem})"
+        return f"preset {source.split(':', 1)[1]}"
+    return pathlib.Path(source).stem
+
+
+def run_label(r: dict) -> str:
+    """``method`` plus where its config came from: ``memoir (smollm2_energy90)``, ``memoir (preset smollm2)``."""
+    name = _config_name(r)
+    return r["method"] if name is None else f"{r['method']} ({name})"
 
 
 def series(results: list[dict], curve: bool = False):
     """``{(run label, dataset): [(n_edits, summary dict), ...]}`` sorted by n_edits.
 
     Runs are grouped by method *and* config, so variants of one method (and results of a preset that
-    changed between runs) are separate lines; a label shared by different configs gets the config's
-    short hash.
+    changed between runs) are separate lines; one config reached by two names (a YAML that later
+    became the preset) is one line naming both, and a label shared by different configs gets the
+    config's short hash.
     """
     by_config = defaultdict(list)
     for r in results:
-        by_config[(run_label(r), pathlib.Path(r.get("data", "?")).stem, _config_digest(r))].append(r)
-    clashes = Counter((label, dataset) for label, dataset, _ in by_config)
+        by_config[(r["method"], pathlib.Path(r.get("data", "?")).stem, _config_digest(r))].append(r)
+    labels = {}
+    for key, runs in by_config.items():
+        names = sorted({n for n in map(_config_name, runs) if n is not None})
+        labels[key] = f"{key[0]} ({' = '.join(names)})" if names else key[0]
+    clashes = Counter((labels[key], key[1]) for key in by_config)
     groups = defaultdict(list)
-    for (label, dataset, digest), runs in by_config.items():
+    for (method, dataset, digest), runs in by_config.items():
+        label = labels[(method, dataset, digest)]
         key = (f"{label} #{digest}" if clashes[(label, dataset)] > 1 else label, dataset)
         for r in runs:
             if curve:
@@ -98,6 +110,7 @@ def plot_results(paths, output, metrics=None, curve: bool = False, by_age: int |
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     results = load_results(paths)
     if by_age:
@@ -128,8 +141,12 @@ def plot_results(paths, output, metrics=None, curve: bool = False, by_age: int |
         ax.set_title(LABELS.get(m, m))
         ax.set_xlabel(f"edit position, oldest first (means over {by_age} edits), after all N" if by_age
                       else "edits made" if curve else "number of sequential edits N")
-        if any(n > 0 for pts in data.values() for n, _ in pts) and not curve and not by_age:
+        ns = sorted({n for pts in data.values() for n, _ in pts if n > 0})
+        if ns and not curve and not by_age:
+            # log scale, ticked at the Ns that were run (matplotlib's 3x10^2-style minor labels collide)
             ax.set_xscale("log")
+            ax.set_xticks(ns, [str(n) for n in ns])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         if m != "rel_ppl":
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
