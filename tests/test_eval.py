@@ -636,6 +636,10 @@ def test_plot_series_separates_variants_of_one_method():
     same = series([result(50, "cfg/smollm2_candidate.yaml", {"k": 4}), result(600, "preset:smollm2", {"k": 4})])
     assert list(same) == [("memoir (preset smollm2 = smollm2_candidate)", "zsre")]
     assert [n for n, _ in same[("memoir (preset smollm2 = smollm2_candidate)", "zsre")]] == [50, 600]
+    # an option added after the first run was saved, at its default in the second: still one line
+    added = series([result(25, "cfg/c.yaml", {"top_k": 4}), result(75, "cfg/c.yaml", {"top_k": 4, "preserve_energy_after": 0}),
+                    result(75, "cfg/c.yaml", {"top_k": 4, "preserve_energy_after": 200})])
+    assert sorted(len(v) for v in added.values()) == [1, 2]
 
 
 def test_age_profile_averages_records_by_edit_position():

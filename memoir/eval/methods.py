@@ -21,6 +21,18 @@ from memoir.eval import metrics
 METHODS = ("memoir", "ft", "grace")
 
 
+def default_config(name: str) -> dict:
+    """Every option of method ``name``'s config at its default; ``{}`` for a name this version lacks.
+
+    A run saved before an option existed ran without it: its config is this with the saved one on top.
+    """
+    from memoir.baselines import FTConfig, GraceConfig
+    from memoir.config import MemoirConfig
+
+    config_class = {"memoir": MemoirConfig, "ft": FTConfig, "grace": GraceConfig}.get(name)
+    return config_class().to_dict() if config_class is not None else {}
+
+
 class _Base:
     name = "base"
 
@@ -46,7 +58,7 @@ class _Base:
 
     def config_defaults(self) -> dict:
         """The method's config with every option at its default (what a run without the option used)."""
-        return type(self.editor.config)().to_dict()
+        return default_config(self.name)
 
     @property
     def layer_index(self) -> int:
