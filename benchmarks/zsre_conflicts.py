@@ -18,7 +18,7 @@ import json
 import pathlib
 import time
 
-from memoir.eval.conflicts import CLASSES, conflict_classes, split_by_class
+from memoir.eval.conflicts import CLASSES, conflict_classes, split_by_class, subject_groups
 from memoir.eval.datasets import load_dataset
 from memoir.machine import machine_info
 
@@ -27,17 +27,18 @@ ZSRE = ROOT.parent / "shared" / "data" / "zsre" / "zsre_mend_eval_portability_gp
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def capacity(records, model_name: str, layer: int | None, top_k: int | None) -> dict:
-    """Stored keys (target tokens, the way the editor tokenises a target) against the layer's width."""
+def capacity(records, model_name: str) -> dict:
+    """Stored keys (target tokens) against the input width of the smollm2 preset's layer."""
     from memoir import MemoirConfig, load_model
+    from memoir.batching import target_ids
     from memoir.models import locate_target
 
     model, tok = load_model(model_name)
-    target = locate_target(model, layer if layer is not None else MemoirConfig.preset("smollm2").layer)
-    width = target.in_features
-    k = top_k if top_k is not None else MemoirConfig.preset("smollm2").top_k
-    tokens = sum(len(tok(" " + r.target, add_special_tokens=False).input_ids) for r in records)
-    return {"layer": target.layer_index, "D": int(width), "k": int(k), "target_tokens": tokens,
+    preset = MemoirConfig.preset("smollm2")
+    target = locate_target(model, preset.layer)
+    width, k = target.in_features, preset.top_k
+    tokens = sum(len(target_ids(tok, r.target)) for r in records)
+    return {"layer": target.layer_index, "D": width, "k": k, "target_tokens": tokens,
             "keys_per_dimension": tokens / width, "mean_owners_per_column": len(records) * k / width}
 
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     records = load_dataset(args.data, "zsre", limit=args.n)
     classes = conflict_classes(records)
     counts = {c: classes.count(c) for c in CLASSES}
-    cap = capacity(records, args.model, None, None)
+    cap = capacity(records, args.model)
 
     runs = {}
     stem = pathlib.Path(args.data).stem
@@ -66,8 +67,7 @@ def main(argv=None) -> int:
                            "by_class": split_by_class(result["records"], classes[: len(result["records"])])}
 
     out = {"data": pathlib.Path(args.data).name, "n": len(records), "classes": counts,
-           "conflicting_subjects": len({r.extra["subject"].lower() for r, c in zip(records, classes)
-                                        if c == "conflicting"}),
+           "conflicting_subjects": sum(classes[m[0]] == "conflicting" for m in subject_groups(records).values()),
            "capacity": cap, "runs": runs, "seconds": time.perf_counter() - t0, "machine": machine_info()}
     pathlib.Path(args.output).write_text(json.dumps(out, indent=2))
 

@@ -22,6 +22,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
+from memoir.eval.methods import with_defaults
 from memoir.eval.runner import json_default
 from memoir.persist import replace_dir
 
@@ -58,8 +59,8 @@ def _fill_new_options(fingerprint: dict, method) -> dict:
     config = fingerprint.get("config")
     if not isinstance(config, dict):
         return fingerprint
-    defaults = json.loads(json.dumps(method.config_defaults(), default=json_default))
-    return {**fingerprint, "config": {**{k: v for k, v in defaults.items() if k not in config}, **config}}
+    filled = with_defaults(method.name, config)
+    return {**fingerprint, "config": json.loads(json.dumps(filled, default=json_default))}
 
 
 class RunCheckpoint:

@@ -33,6 +33,11 @@ def default_config(name: str) -> dict:
     return config_class().to_dict() if config_class is not None else {}
 
 
+def with_defaults(name: str, config: dict) -> dict:
+    """A saved config of method ``name`` with every option it predates at its default."""
+    return {**default_config(name), **config}
+
+
 class _Base:
     name = "base"
 
@@ -55,10 +60,6 @@ class _Base:
 
     def routes(self):
         return None
-
-    def config_defaults(self) -> dict:
-        """The method's config with every option at its default (what a run without the option used)."""
-        return default_config(self.name)
 
     @property
     def layer_index(self) -> int:

@@ -30,11 +30,11 @@ def load_results(paths) -> list[dict]:
 
 
 def _config_digest(r: dict) -> str:
-    from memoir.eval.methods import default_config
+    from memoir.eval.methods import with_defaults
 
     # An option added after a run was saved is filled in at its default (the run ran without it),
     # so the run and a later one of the same config are one line.
-    config = {**default_config(r["method"]), **(r.get("config") or {})}
+    config = with_defaults(r["method"], r.get("config") or {})
     config.pop("threshold_final", None)
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
