@@ -34,7 +34,7 @@ AGGREGATIONS = ("mean_decentered", "maxabs_decentered")
 @torch.no_grad()
 def layer_inputs(editor, texts, batch_size=32):
     """Yield ``(acts [B, S, D], prompt_mask [B, S])``: the edited layer's input for ``texts``, memory off."""
-    with editor.disabled(), editor._capture_input() as seen:
+    with editor.disabled(), editor.layer.capturing() as seen:
         for i in range(0, len(texts), batch_size):
             batch = build_batch(editor.tokenizer, texts[i : i + batch_size])
             seen.clear()

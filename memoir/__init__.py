@@ -3,6 +3,7 @@ from memoir.config import MemoirConfig
 from memoir.editor import EditRequest, EditResult, MemoirEditor, Retrieval
 from memoir.layer import MemoirLayer
 from memoir.models import load_model, locate_target
+from memoir.route import Route
 
 __version__ = "0.1.0"
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "EditRequest",
     "EditResult",
     "Retrieval",
+    "Route",
     "load_model",
     "locate_target",
 ]

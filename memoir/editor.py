@@ -19,6 +19,7 @@ from memoir.models import Target, locate_target
 from memoir.ops import overlap_counts
 from memoir.preserve import KeyStore, project_out
 from memoir.replay import capture_below, contiguous_head, keep_logits, replaying_below
+from memoir.route import Route
 from memoir.routing import PromptRouting
 from memoir.tophash import make_permutation
 
@@ -166,14 +167,9 @@ class MemoirEditor(PromptRouting):
             self.layer.threshold = min(1.0, float(scores.max()) + self.config.threshold_margin)
         return self.layer.threshold
 
-    @contextlib.contextmanager
     def _capture_input(self):
-        seen = []
-        self.layer.capture = seen.append
-        try:
-            yield seen
-        finally:
-            self.layer.capture = None
+        """Collect the edited layer's inputs of the passes inside the block (this thread only)."""
+        return self.layer.capturing()
 
     def _cached_background(self, texts: list[str]):
         """Background statistics, cached per (base weight, target, texts) under the user cache dir."""
@@ -293,7 +289,8 @@ class MemoirEditor(PromptRouting):
                     extra = self.keys.principal_directions(cols[0], cfg.preserve_energy, max_rank - used, basis)
                     if extra is not None:
                         basis = extra if basis is None else torch.cat([basis, extra.to(basis)], dim=1)
-            steps, loss = self._optimise(batch, dense[0], replay_output[0] if replay_output else None,
+            row = self.layer.bank.edit_ids.index(edit_id)
+            steps, loss = self._optimise(batch, dense[0], row, replay_output[0] if replay_output else None,
                                          owners_before, cols[0], basis)
             if keys is not None:
                 self.keys.add(edit_id, keys)
@@ -337,7 +334,8 @@ class MemoirEditor(PromptRouting):
         self.edits[edit_id] = request
         return edit_id
 
-    def _optimise(self, batch: Batch, mask: torch.Tensor, replay_output, owners_before=None, cols=None, basis=None):
+    def _optimise(self, batch: Batch, mask: torch.Tensor, row: int, replay_output, owners_before=None, cols=None,
+                  basis=None):
         cfg = self.config
         memory = self.layer.memory
         decay = cfg.weight_decay if cfg.decay_scope == "all" else 0.0
@@ -357,13 +355,15 @@ class MemoirEditor(PromptRouting):
             basis = basis.to(memory.device, memory.dtype)
         steps, prev, loss_value = 0, None, float("nan")
         memory.requires_grad_(True)
-        self.layer.force_mask(mask)
+        # Every row of the edit batch reads the edit's own (already stored) mask.
+        train_route = Route.to_row(row, batch.input_ids.shape[0], memory.device)
         # Tiny gradients into a zero-initialised memory are denormal floats, which run many
         # times slower on x86 CPUs; flush them to zero while editing (torch has no getter, so
         # the setting is switched back off afterwards).
         flushing = memory.device.type == "cpu" and torch.set_flush_denormal(True)
         try:
-            with replaying_below(self.target, replay_output), contiguous_head(self.model), torch.enable_grad():
+            with replaying_below(self.target, replay_output), contiguous_head(self.model), torch.enable_grad(), \
+                    self.layer.using_route(train_route):
                 for _ in range(cfg.n_iter):
                     logits = self.model(
                         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **keep
@@ -395,7 +395,6 @@ class MemoirEditor(PromptRouting):
         finally:
             if flushing:
                 torch.set_flush_denormal(False)
-            self.layer.force_mask(None)
             memory.requires_grad_(False)
             memory.grad = None
         return steps, loss_value
@@ -418,13 +417,24 @@ class MemoirEditor(PromptRouting):
         """For each prompt: the edit the memory would apply (or None) and the overlap score."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        batch = build_batch(self.tokenizer, prompts, device=self.device)
-        self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                   **keep_logits(self.model, 1))
-        scores = self.layer.last_scores.tolist()
-        rows = self.layer.last_rows.tolist()
+        route = self.route(prompts)
         ids = self.layer.bank.edit_ids
-        return [Retrieval(ids[r] if r >= 0 else None, s) for r, s in zip(rows, scores)]
+        return [Retrieval(ids[r] if r >= 0 else None, s) for r, s in zip(route.rows.tolist(), route.scores.tolist())]
+
+    @torch.no_grad()
+    def route(self, prompts) -> Route:
+        """The :class:`Route` of each prompt (which stored edit its sequence reads, or none).
+
+        Pass it back with ``editor.layer.using_route(route)`` (or ``layer(a, route=...)``) to run
+        those sequences without routing again, e.g. from an inference stack's own scheduler.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        batch = build_batch(self.tokenizer, prompts, device=self.device)
+        with self.disabled(), self._capture_input() as seen:  # routing reads only the layer input
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                       **keep_logits(self.model, 1))
+        return self.layer.route(seen[0], batch.prompt_mask)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 32, **kwargs) -> list[str]:
@@ -440,9 +450,11 @@ class MemoirEditor(PromptRouting):
             kwargs.setdefault("temperature", None)
             kwargs.setdefault("top_p", None)
             kwargs.setdefault("top_k", None)
-        out = self.model.generate(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens, **kwargs
-        )
+        with self.layer.calls.overriding():  # this call's route stays with this call
+            out = self.model.generate(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                **kwargs
+            )
         texts = self.tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
         return texts[0] if single else texts
 

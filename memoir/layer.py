@@ -1,10 +1,14 @@
 """The residual-memory layer that replaces the edited FFN output projection.
 
 ``y = W0 a + Wm (M ⊙ a)``: the frozen original projection plus a zero-initialised memory,
-where M is one mask per batch row, chosen on the prompt (prefill) by retrieval from the mask
-bank and reused at every decode step.  No host synchronisation happens in ``forward``.
+where M is one mask per batch row: the stored mask of the edit the row's :class:`Route` names.
+The route is an input (``layer(a, route=...)``) or, on the HF convenience path, decided on the
+call's prompt pass and kept per thread / task for its decode steps (``memoir.route``).  No host
+synchronisation happens in ``forward``.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +16,7 @@ from torch import nn
 
 from memoir import ops
 from memoir.bank import MaskBank
+from memoir.route import CallLocal, Route
 from memoir.tophash import masks_from_features, prompt_features
 
 
@@ -51,16 +56,12 @@ class MemoirLayer(nn.Module):
         self.threshold = float(threshold)
         self.aggregation = aggregation
         self.feature_scaling = feature_scaling
-        self.enabled = True
-        # Routing state: a Python flag says *when* to route; the decision itself stays on device.
-        self._prefill_pending = False
-        self._pending_span: torch.Tensor | None = None
-        self._row_masks: torch.Tensor | None = None  # [B, D] 0/1, or None: memory off
-        self._forced: torch.Tensor | None = None  # [D] 0/1 during an edit
-        self.last_scores: torch.Tensor | None = None
-        self.last_rows: torch.Tensor | None = None
-        self.capture = None  # optional callable(a): lets the editor read the layer input
-        self._row_cols: torch.Tensor | None = None  # [B, k] memory columns per row (kernel path)
+        self.enabled = True  # the user's switch (editor.disable / enable), for every call
+        # Per-call state, private to each thread / task (memoir.route.CallLocal): a prompt pass
+        # to route from (``prefill`` + ``span``), the route it decided, a route pinned for every
+        # pass of a call (an edit's own mask, or one an inference stack passes), a callable that
+        # reads the layer input, and a per-call off switch.
+        self.calls = CallLocal(prefill=False, span=None, route=None, pinned=None, capture=None, disabled=False)
         self.transposed = type(base).__name__ == "Conv1D"  # GPT-2 stores the weight as [in, out]
 
     def extra_repr(self) -> str:
@@ -95,32 +96,45 @@ class MemoirLayer(nn.Module):
         w = self.base.weight
         return (w.t() if self.transposed else w), getattr(self.base, "bias", None)
 
-    # ------------------------------------------------------------------ routing control
+    # ------------------------------------------------------------------ routing
     def begin_prefill(self, span: torch.Tensor | None) -> None:
-        """The next forward is a prompt pass: route each row from it (span: prompt tokens)."""
-        self._prefill_pending = True
-        self._pending_span = span
+        """The next forward in this call is a prompt pass: route each row from it (span: prompt tokens)."""
+        self.calls.set(prefill=True, span=span)
 
-    def reset_routing(self) -> None:
-        self._prefill_pending = False
-        self._pending_span = None
-        self._row_masks = None
+    @contextlib.contextmanager
+    def using_route(self, route: Route | None):
+        """Every pass inside the block reads ``route`` (``None``: route from each prompt again)."""
+        with self.calls.overriding(pinned=route):
+            yield
 
-    def force_mask(self, dense: torch.Tensor | None) -> None:
-        """Apply one mask to every row (editing); ``None`` returns to retrieval."""
-        self._forced = None if dense is None else dense.to(self.memory.device, self.memory.dtype)
+    @contextlib.contextmanager
+    def disabled(self):
+        """The unedited model for passes inside the block, in this thread / task only."""
+        with self.calls.overriding(disabled=True):
+            yield
 
-    def _route(self, acts: torch.Tensor, span: torch.Tensor | None) -> None:
+    @contextlib.contextmanager
+    def capturing(self):
+        """Collect this layer's inputs of the passes inside the block (in this thread / task)."""
+        seen: list = []
+        with self.calls.overriding(capture=seen.append):
+            yield seen
+
+    @property
+    def last_route(self) -> Route | None:
+        """The route the latest prompt pass of this thread / task decided."""
+        return self.calls.get("route")
+
+    def route(self, acts: torch.Tensor, span: torch.Tensor | None = None) -> Route:
+        """The route of each sequence from its prompt: layer inputs ``[B, S, D]`` (or OPT-style
+        ``[B*S, D]``) and the prompt positions ``[B, S]`` (``None``: every position)."""
         if acts.dim() == 2:  # OPT-style flattened tokens [B*S, D]: recover the sequences
             acts = acts.reshape(1 if span is None else span.shape[0], -1, acts.shape[-1])
         b, s = acts.shape[0], acts.shape[1]
         if span is None or span.shape != (b, s):
             span = torch.ones((b, s), dtype=torch.bool, device=acts.device)
         if len(self.bank) == 0:
-            self.last_scores = torch.zeros(b, device=acts.device)
-            self.last_rows = torch.full((b,), -1, dtype=torch.int64, device=acts.device)
-            self._row_masks = None
-            return
+            return Route.unrouted(b, acts.device)
         if self._use_kernels(acts):
             from memoir.kernels import tophash_select
 
@@ -128,55 +142,67 @@ class MemoirLayer(nn.Module):
         else:
             _, _, packed = self.query_masks(acts, span.to(acts.device))
         scores, rows = self.bank.best_match(packed, self.threshold)
-        self.last_scores, self.last_rows = scores, rows
-        self._row_masks = self.bank.rows_to_dense(rows).to(acts.dtype)
-        # Each routed row's stored columns (exactly k ones; unrouted rows are inactive).
-        self._row_cols = self._row_masks.topk(self.top_k, dim=1).indices.sort(dim=1).values
+        return Route(rows, scores)
+
+    def _route_masks(self, route: Route, dtype) -> torch.Tensor:
+        """Dense 0/1 masks ``[B, D]`` of a route's rows (zeros for unrouted rows), once per route."""
+        masks = route.cache.get("masks")
+        if masks is None or masks.dtype != dtype or masks.device != self.memory.device:
+            masks = self.bank.rows_to_dense(route.rows.to(self.memory.device)).to(dtype)
+            route.cache["masks"] = masks
+        return masks
+
+    def _route_cols(self, route: Route) -> torch.Tensor:
+        """Each row's memory columns ``[B, k]`` (exactly k stored ones; unrouted rows are inactive)."""
+        cols = route.cache.get("cols")
+        if cols is None:
+            masks = self._route_masks(route, self.memory.dtype)
+            cols = masks.topk(self.top_k, dim=1).indices.sort(dim=1).values
+            route.cache["cols"] = cols
+        return cols
 
     # ------------------------------------------------------------------ forward
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        if self.capture is not None:
-            self.capture(a)
-        masks = None
-        if self.enabled:
-            if self._forced is not None:
-                masks = self._forced
+    def forward(self, a: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+        """``base(a)`` plus the memory read by ``route`` (given, pinned for the call, or decided on
+        this call's prompt pass)."""
+        call = self.calls
+        capture = call.get("capture")
+        if capture is not None:
+            capture(a)
+        if not self.enabled or call.get("disabled"):
+            return self.base(a)
+        if route is None:
+            route = call.get("pinned")
+        if route is None:
+            if call.get("prefill"):
+                route = self.route(a, call.get("span"))
+                call.set(prefill=False, span=None, route=route)
             else:
-                if self._prefill_pending:
-                    self._route(a, self._pending_span)
-                    self._prefill_pending = False
-                    self._pending_span = None
-                masks = self._row_masks
-        if masks is None:
+                route = call.get("route")
+        if route is None or len(self.bank) == 0:
             return self.base(a)
         if self._use_kernels(a):
             from memoir.kernels import residual_linear
 
-            if masks.dim() == 1:
-                cols = masks.topk(self.top_k).indices.sort().values.expand(a.shape[0], -1)
-                active = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
-            else:
-                cols, active = self._row_cols, self.last_rows >= 0
             w0, bias = self._base_weight()
-            return residual_linear(a, w0, bias, self.memory, cols, active)
-        return self.base(a) + self.memory_term(a, masks)
+            active = route.rows.to(a.device) >= 0
+            return residual_linear(a, w0, bias, self.memory, self._route_cols(route), active)
+        return self.base(a) + self.memory_term(a, self._route_masks(route, a.dtype))
 
     def memory_term(self, a: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """``Wm (M ⊙ a)`` for per-sequence masks ``[B, D]`` (or one mask ``[D]`` for all rows)."""
-        if masks.dim() == 2:
-            b = masks.shape[0]
-            rows = a.shape[0]
-            if rows % b != 0:
+        """``Wm (M ⊙ a)`` for per-sequence masks ``[B, D]``."""
+        b, rows = masks.shape[0], a.shape[0]
+        if a.dim() == 3:
+            if rows != b:
                 raise RuntimeError(
-                    f"routing was decided for {b} sequences but this step has {rows} rows; "
+                    f"the route covers {b} sequences but this step has {rows}; "
                     "run a prompt (prefill) pass for the new batch first"
                 )
-            if a.dim() == 3:
-                if rows != b:
-                    raise RuntimeError(f"routing was decided for {b} sequences but this step has {rows}")
-                masks = masks[:, None, :]
-            else:  # flattened tokens [B*S, D], sequence-major
-                masks = masks.repeat_interleave(rows // b, dim=0)
+            masks = masks[:, None, :]
+        else:  # flattened tokens [B*S, D], sequence-major
+            if rows % b != 0:
+                raise RuntimeError(f"the route covers {b} sequences but this step has {rows} token rows")
+            masks = masks.repeat_interleave(rows // b, dim=0)
         return F.linear(a * masks.to(a.dtype), self.memory)
 
     # ------------------------------------------------------------------ inspection

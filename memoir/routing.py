@@ -4,6 +4,8 @@ A forward pre-hook on the whole model marks every pass with an empty KV cache as
 (prefill) pass and tells the wrapped layer which positions form each row's prompt: the
 attention mask, or an explicit span set with :meth:`PromptRouting.prompt_span` (the prompt part
 of a teacher-forced ``prompt + target`` batch).  Decode steps reuse the prefill's decision.
+The hook keeps no state of its own: the span override and the layer's routing are per call
+(``memoir.route.CallLocal``), so concurrent calls in other threads are not affected.
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import inspect
 
 import torch
 
+from memoir.route import CallLocal
+
 
 class PromptRouting:
     """Mixin; the host sets ``self.model`` and ``self.layer`` (with ``begin_prefill(span)``)."""
 
     def _install_routing(self) -> None:
-        self._span_override: torch.Tensor | None = None
+        self._span = CallLocal(override=None)
         self._takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
         self._hook = self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)
 
@@ -37,7 +41,7 @@ class PromptRouting:
             attention_mask = args[1]
         if attention_mask is not None and attention_mask.dim() != 2:
             attention_mask = None
-        span = self._span_override
+        span = self._span.get("override")
         if span is None and attention_mask is not None:
             span = attention_mask.bool()
         self.layer.begin_prefill(span)
@@ -49,19 +53,11 @@ class PromptRouting:
     @contextlib.contextmanager
     def prompt_span(self, span: torch.Tensor):
         """Route from these positions ([B, S] bool) instead of the attention mask."""
-        previous = self._span_override
-        self._span_override = span.bool()
-        try:
+        with self._span.overriding(override=span.bool()):
             yield
-        finally:
-            self._span_override = previous
 
     @contextlib.contextmanager
     def disabled(self):
         """The unedited model inside the block (the wrapped layer passes through)."""
-        was = self.layer.enabled
-        self.layer.enabled = False
-        try:
+        with self.layer.disabled():
             yield
-        finally:
-            self.layer.enabled = was

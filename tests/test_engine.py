@@ -134,10 +134,17 @@ def test_routing_is_per_row_and_reused_during_decode():
     layer = editor.layer
     enc = build_batch(editor.tokenizer, [PROMPT, "who wrote the book ?"])
     with torch.no_grad():
-        editor.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
-    rows = layer.last_rows.tolist()
-    assert rows[0] == 0 and rows[1] == -1
-    assert layer._row_masks[0].sum() == editor.config.top_k and layer._row_masks[1].sum() == 0
+        out = editor.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=True)
+        route = layer.last_route
+        assert route.rows.tolist() == [0, -1]
+        masks = layer._route_masks(route, torch.float32)
+        assert masks[0].sum() == editor.config.top_k and masks[1].sum() == 0
+        # A decode step (non-empty cache) reads the prefill's route instead of routing again.
+        step = torch.tensor([[3], [3]])
+        attn = torch.cat([enc.attention_mask, torch.ones(2, 1, dtype=enc.attention_mask.dtype)], dim=1)
+        with layer.capturing() as seen:
+            editor.model(input_ids=step, attention_mask=attn, cache=out.past_key_values)
+        assert seen and layer.last_route is route
 
 
 def test_empty_bank_is_identity():

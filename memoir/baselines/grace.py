@@ -22,6 +22,7 @@ teacher forcing and each decode step.  Routing is vectorised over rows (``torch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -90,6 +91,15 @@ class GraceLayer(nn.Module):
 
     def __len__(self) -> int:
         return self.keys.shape[0]
+
+    @contextlib.contextmanager
+    def disabled(self):
+        was = self.enabled
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = was
 
     def begin_prefill(self, span):
         self._prefill_pending, self._pending_span = True, span

@@ -78,15 +78,20 @@ class MemoirMethod(_Base):
         self.edit_index[r.edit_id] = position
         return {"steps": r.steps, "loss": r.loss, "seconds": r.seconds, "edit_id": r.edit_id}
 
+    _route = None
+
+    def logits(self, batch: Batch, keep: int | None) -> torch.Tensor:
+        layer = self.editor.layer
+        with layer.calls.overriding(), self._span(batch):
+            out = metrics.model_logits(self.model, batch, keep, self._keep)
+            self._route = layer.last_route
+        return out
+
     def routes(self):
-        rows = self.editor.layer.last_rows
-        if rows is None:
+        if self._route is None:
             return None
         ids = self.editor.layer.bank.edit_ids
-        out = []
-        for r in rows.tolist():
-            out.append(self.edit_index.get(ids[r]) if r >= 0 else None)
-        return out
+        return [self.edit_index.get(ids[r]) if r >= 0 else None for r in self._route.rows.tolist()]
 
     def config_dict(self) -> dict:
         # The tau in force at the end (differs from the config's under threshold "auto").
