@@ -1,43 +1,45 @@
-"""MaskBank: the stored edit masks, bit-packed into int64 words, on the memory's device."""
+"""MaskBank: the stored edit masks, bit-packed into int64 words, as module state.
+
+``words`` ``[N, W]`` and ``edit_ids`` ``[N]`` are registered buffers of the memory layer: they
+move with ``model.to(device)``, appear in ``model.state_dict()`` and are replaced (not resized in
+place) when an edit is added, so a route or snapshot holding the old tensors stays valid.
+"""
 from __future__ import annotations
 
 import torch
 
 from memoir import ops
+from memoir.state import GrowingBuffers
 
 
-class MaskBank:
-    """Packed masks ``[N, W]`` plus the edit id of each row.
-
-    Rows live in a growing buffer (capacity doubles) so adding an edit is amortised O(W).
-    """
+class MaskBank(GrowingBuffers):
+    """Packed masks ``[N, W]`` plus the edit id of each row."""
 
     def __init__(self, num_bits: int, device=None):
+        super().__init__()
         self.num_bits = int(num_bits)
         self.num_words = ops.num_words(self.num_bits)
-        self._words = torch.zeros((0, self.num_words), dtype=torch.int64, device=device)
-        self._count = 0
-        self.edit_ids: list[int] = []
+        self.register_buffer("words", torch.zeros((0, self.num_words), dtype=torch.int64, device=device))
+        self.register_buffer("ids", torch.zeros((0,), dtype=torch.int64, device=device))
 
     def __len__(self) -> int:
-        return self._count
+        return self.words.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"edits={len(self)}, num_bits={self.num_bits}"
 
     @property
     def device(self):
-        return self._words.device
+        return self.words.device
 
     @property
-    def words(self) -> torch.Tensor:
-        """The packed bank ``[N, W]`` (a view; do not modify)."""
-        return self._words[: self._count]
-
-    def to(self, device) -> "MaskBank":
-        self._words = self._words.to(device)
-        return self
+    def edit_ids(self) -> list[int]:
+        """The edit id of each row (a host copy)."""
+        return self.ids.tolist()
 
     def index_of(self, packed: torch.Tensor) -> int | None:
         """Row holding exactly this packed mask, or None."""
-        if self._count == 0:
+        if len(self) == 0:
             return None
         same = (self.words == packed.to(self.device)).all(dim=1).nonzero()
         return int(same[0, 0]) if len(same) else None
@@ -47,30 +49,37 @@ class MaskBank:
         packed = packed.reshape(-1)
         if packed.numel() != self.num_words or packed.dtype != torch.int64:
             raise ValueError(f"expected {self.num_words} int64 words, got {packed.numel()} of {packed.dtype}")
-        if self._count == self._words.shape[0]:
-            grown = torch.zeros((max(8, 2 * self._count), self.num_words), dtype=torch.int64, device=self.device)
-            grown[: self._count] = self._words[: self._count]
-            self._words = grown
-        self._words[self._count] = packed.to(self.device)
-        self._count += 1
-        self.edit_ids.append(int(edit_id))
-        return self._count - 1
+        self.words = torch.cat([self.words, packed.to(self.device)[None]])
+        self.ids = torch.cat([self.ids, torch.tensor([int(edit_id)], dtype=torch.int64, device=self.device)])
+        return len(self) - 1
+
+    def set_owner(self, row: int, edit_id: int) -> None:
+        """Row ``row`` now belongs to edit ``edit_id`` (the same mask edited again)."""
+        ids = self.ids.clone()
+        ids[row] = int(edit_id)
+        self.ids = ids
 
     def remove_row(self, row: int) -> None:
-        keep = torch.ones(self._count, dtype=torch.bool, device=self.device)
+        keep = torch.ones(len(self), dtype=torch.bool, device=self.device)
         keep[row] = False
-        self._words = self.words[keep].clone()
-        self._count -= 1
-        del self.edit_ids[row]
+        self.words, self.ids = self.words[keep].clone(), self.ids[keep].clone()
 
-    def load(self, words: torch.Tensor, edit_ids: list[int]) -> None:
-        if words.dim() != 2 or words.shape[1] != self.num_words or words.shape[0] != len(edit_ids):
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current tensors (never modified in place, so holding them is a snapshot)."""
+        return self.words, self.ids
+
+    def restore(self, snapshot: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.words, self.ids = snapshot
+
+    def load(self, words: torch.Tensor, edit_ids) -> None:
+        edit_ids = torch.as_tensor(list(edit_ids) if not isinstance(edit_ids, torch.Tensor) else edit_ids,
+                                   dtype=torch.int64)
+        if words.dim() != 2 or words.shape[1] != self.num_words or words.shape[0] != edit_ids.numel():
             raise ValueError(
-                f"bank of shape {tuple(words.shape)} does not fit {len(edit_ids)} edits of {self.num_words} words"
+                f"bank of shape {tuple(words.shape)} does not fit {edit_ids.numel()} edits of {self.num_words} words"
             )
-        self._words = words.to(self.device, torch.int64).clone()
-        self._count = words.shape[0]
-        self.edit_ids = [int(e) for e in edit_ids]
+        self.words = words.to(self.device, torch.int64).clone()
+        self.ids = edit_ids.reshape(-1).to(self.device).clone()
 
     def best_match(self, queries: torch.Tensor, threshold: float):
         """``(scores [B], rows [B])`` with rows -1 below the threshold (no host sync)."""
@@ -78,7 +87,7 @@ class MaskBank:
 
     def rows_to_dense(self, rows: torch.Tensor) -> torch.Tensor:
         """Dense float masks ``[B, D]`` for bank rows (row -1 -> all zeros), on device."""
-        if self._count == 0:
+        if len(self) == 0:
             return torch.zeros((rows.shape[0], self.num_bits), device=self.device)
         words = self.words[rows.clamp_min(0)]
         dense = ops.unpack_bits(words, self.num_bits).to(torch.float32)

@@ -118,7 +118,6 @@ class MemoirEditor(PromptRouting):
         self._install_routing()
         self._templates: list[str] | None = None
         self.edits: dict[int, EditRequest] = {}
-        self.keys = KeyStore()  # filled only when preserve_neighbours or preserve_energy is on
         self._next_id = 0
         # threshold "auto": the masks of the background texts calibrate tau against the bank.
         self._background_texts = background_texts or default_background_texts()
@@ -128,6 +127,11 @@ class MemoirEditor(PromptRouting):
     @property
     def device(self) -> torch.device:
         return self.layer.memory.device
+
+    @property
+    def keys(self) -> KeyStore:
+        """Preservation keys of the stored edits (filled when preserve_neighbours / preserve_energy is on)."""
+        return self.layer.keys
 
     @property
     def threshold(self) -> float:
@@ -271,8 +275,8 @@ class MemoirEditor(PromptRouting):
             # Keys: the bare prompt row's inputs at the positions that predict the target tokens.
             positions = batch.target_mask[0, 1:].nonzero().squeeze(1)
             keys = acts[0, positions].float() * dense[0].to(acts.device, torch.float32)
-        bank_before = (self.layer.bank.words.clone(), list(self.layer.bank.edit_ids), dict(self.edits),
-                       self.keys.snapshot())
+        bank_before = (self.layer.bank.words, self.layer.bank.edit_ids, dict(self.edits),
+                       self.keys.snapshot(), self.layer.bank.snapshot())
         memory = self.layer.memory
         # Only these columns (plus whole-matrix weight decay) change: enough to undo a failed edit.
         saved = memory.detach()[:, cols[0]].clone() if cfg.decay_scope != "all" else memory.detach().clone()
@@ -301,7 +305,7 @@ class MemoirEditor(PromptRouting):
                     memory[:, cols[0]] = saved
                 else:
                     memory.copy_(saved)
-            self.layer.bank.load(*bank_before[:2])
+            self.layer.bank.restore(bank_before[4])
             self.edits = bank_before[2]
             self.keys.restore(bank_before[3])
             raise
@@ -328,7 +332,7 @@ class MemoirEditor(PromptRouting):
         else:
             # The same mask again (e.g. the same prompt re-edited): the new edit owns the row.
             old = self.layer.bank.edit_ids[row]
-            self.layer.bank.edit_ids[row] = edit_id
+            self.layer.bank.set_owner(row, edit_id)
             self.edits.pop(old, None)
             self.keys.pop(old)
         self.edits[edit_id] = request

@@ -16,7 +16,9 @@ from torch import nn
 
 from memoir import ops
 from memoir.bank import MaskBank
+from memoir.preserve import KeyStore
 from memoir.route import CallLocal, Route
+from memoir.state import Float32Buffers
 from memoir.tophash import masks_from_features, prompt_features
 
 
@@ -28,7 +30,7 @@ def _kernels_available() -> bool:
     return kernels.available()
 
 
-class MemoirLayer(nn.Module):
+class MemoirLayer(Float32Buffers):
     def __init__(
         self,
         base: nn.Module,
@@ -51,7 +53,9 @@ class MemoirLayer(nn.Module):
         self.register_buffer("permutation", permutation.to(weight.device, torch.int64))
         self.register_buffer("background_mean", background_mean.to(weight.device, torch.float32))
         self.register_buffer("background_std", background_std.to(weight.device, torch.float32))
+        # Module state (buffers): it moves with model.to(...) and is part of model.state_dict().
         self.bank = MaskBank(in_features, device=weight.device)
+        self.keys = KeyStore(in_features).to(weight.device)  # preservation keys (when enabled)
         self.top_k = int(top_k)
         self.threshold = float(threshold)
         self.aggregation = aggregation

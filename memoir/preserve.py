@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from memoir.state import GrowingBuffers
 
-class KeyStore:
+
+class KeyStore(GrowingBuffers):
     """Keys of stored edits by edit id, kept sparse: only the columns of the edit's own mask.
 
     A key is the edited layer's input times the edit's mask, so it is zero outside the mask's
@@ -24,19 +26,38 @@ class KeyStore:
     smaller (6.7x for SmolLM2: ~110 MB -> ~17 MB for 600 hallucination edits).
     """
 
-    def __init__(self):
-        # edit id -> (columns [c] int64, values [P, c] float32)
-        self._entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.dim: int | None = None  # D, the width of a dense key
+    def __init__(self, dim: int | None = None):
+        super().__init__()
+        # Per stored edit two buffers, ``cols_<id>`` (columns [c] int64) and ``values_<id>``
+        # ([P, c] float32), in insertion order; ``key_dim`` is D (-1 until known).
+        self.register_buffer("key_dim", torch.tensor([-1 if dim is None else int(dim)], dtype=torch.int64))
+
+    @property
+    def dim(self) -> int | None:
+        """D, the width of a dense key (None until the first key is stored)."""
+        d = int(self.key_dim[0])
+        return None if d < 0 else d
+
+    def _entry(self, edit_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._buffers[f"cols_{edit_id}"], self._buffers[f"values_{edit_id}"]
+
+    def _entries_items(self):
+        return ((i, self._entry(i)) for i in self.ids())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.ids())
 
     def __contains__(self, edit_id: int) -> bool:
-        return edit_id in self._entries
+        return f"cols_{edit_id}" in self._buffers
 
     def ids(self) -> list[int]:
-        return list(self._entries)
+        return [int(name[5:]) for name in self._buffers if name.startswith("cols_")]
+
+    def _accepts_buffer(self, name: str) -> bool:
+        return True
+
+    def _optional_buffer(self, name: str) -> bool:
+        return name.startswith(("cols_", "values_"))
 
     def add(self, edit_id: int, keys: torch.Tensor) -> None:
         """Store ``keys`` ``[P, D]`` (dense, zero outside the edit's mask) for ``edit_id``."""
@@ -46,26 +67,27 @@ class KeyStore:
             raise ValueError(f"keys have {keys.shape[1]} features, the store holds {self.dim}")
         keys = keys.detach().float()
         cols = keys.abs().sum(0).nonzero().flatten()
-        self._entries[edit_id] = (cols, keys[:, cols].clone())
-        self.dim = keys.shape[1]
+        self.key_dim = torch.tensor([keys.shape[1]], dtype=torch.int64, device=self.key_dim.device)
+        self.register_buffer(f"cols_{int(edit_id)}", cols.to(self.key_dim.device))
+        self.register_buffer(f"values_{int(edit_id)}", keys[:, cols].clone().to(self.key_dim.device))
 
     def dense(self, edit_id: int) -> torch.Tensor:
         """The keys of ``edit_id`` as ``[P, D]`` rows (zero outside the edit's mask)."""
-        cols, values = self._entries[edit_id]
+        cols, values = self._entry(edit_id)
         out = values.new_zeros(values.shape[0], self.dim)
         out[:, cols] = values
         return out
 
     def _column_map(self, cols: torch.Tensor) -> torch.Tensor:
         """``[D]``: the position of each feature in ``cols``, -1 for features outside it."""
-        device = next(iter(self._entries.values()))[1].device
+        device = self.key_dim.device
         where = torch.full((self.dim,), -1, dtype=torch.long, device=device)
         where[cols.to(device)] = torch.arange(cols.numel(), device=device)
         return where
 
     def _restricted(self, edit_id: int, where: torch.Tensor, k: int) -> torch.Tensor:
         """The keys of ``edit_id`` restricted to the ``k`` columns mapped by ``where``: ``[P, k]``."""
-        j_cols, values = self._entries[edit_id]
+        j_cols, values = self._entry(edit_id)
         at = where[j_cols]
         shared = at >= 0
         out = values.new_zeros(values.shape[0], k)
@@ -73,14 +95,16 @@ class KeyStore:
         return out
 
     def pop(self, edit_id: int) -> None:
-        self._entries.pop(edit_id, None)
+        self._buffers.pop(f"cols_{edit_id}", None)
+        self._buffers.pop(f"values_{edit_id}", None)
 
     def snapshot(self) -> dict:
-        """A copy of the id -> keys map, for ``restore`` after a failed edit (entries are immutable)."""
-        return dict(self._entries)
+        """The current buffers, for ``restore`` after a failed edit (entries are never modified)."""
+        return dict(self._buffers)
 
     def restore(self, snapshot: dict) -> None:
-        self._entries = dict(snapshot)
+        self._buffers.clear()
+        self._buffers.update(snapshot)
 
     def neighbours(self, key: torch.Tensor, cols: torch.Tensor, m: int, candidates=None) -> list[int]:
         """The ``m`` edit ids whose mean key is most aligned with ``key`` inside columns ``cols``.
@@ -93,13 +117,13 @@ class KeyStore:
         memory input that a step along ``key`` causes; edits with no shared column score 0 and are
         never picked.
         """
-        ids = self.ids() if candidates is None else [i for i in candidates if i in self._entries]
+        ids = self.ids() if candidates is None else [i for i in candidates if i in self]
         if m <= 0 or not ids:
             return []
         where = self._column_map(cols)
         q = key.float()[cols].to(where.device)
         dots = torch.stack([self._restricted(i, where, q.numel()).mean(0) @ q for i in ids])
-        norms = torch.stack([self._entries[i][1].mean(0).norm() for i in ids])
+        norms = torch.stack([self._entry(i)[1].mean(0).norm() for i in ids])
         scores = dots.abs() / (norms * q.norm() + 1e-12)
         order = torch.argsort(scores, descending=True, stable=True)[:m].tolist()
         return [ids[i] for i in order if float(scores[i]) > 0]
@@ -141,13 +165,13 @@ class KeyStore:
         orthonormal ``[len(cols), q]`` basis, e.g. the exactly preserved neighbours) is projected
         out first, so the result is orthogonal to it and extends it.
         """
-        if max_rank <= 0 or not self._entries or energy <= 0:
+        if max_rank <= 0 or len(self) == 0 or energy <= 0:
             return None
         k = cols.numel()
         where = self._column_map(cols)
         device = where.device
         rows = []
-        for j_cols, values in self._entries.values():
+        for _, (j_cols, values) in self._entries_items():
             at = where[j_cols]
             shared = at >= 0
             total = values.double().pow(2).sum()
@@ -177,8 +201,8 @@ class KeyStore:
         ids = self.ids()
         if not ids:
             return {}
-        cols = [self._entries[i][0] for i in ids]
-        values = [self._entries[i][1] for i in ids]
+        cols = [self._entry(i)[0] for i in ids]
+        values = [self._entry(i)[1] for i in ids]
         return {
             "key_edit_ids": torch.tensor(ids, dtype=torch.int64),
             "key_counts": torch.tensor([v.shape[0] for v in values], dtype=torch.int64),
@@ -190,7 +214,9 @@ class KeyStore:
 
     def load(self, state: dict[str, torch.Tensor], device=None) -> None:
         """Restore from ``state()``; also reads the dense ``keys`` rows that earlier versions saved."""
-        self._entries, self.dim = {}, None
+        for i in self.ids():
+            self.pop(i)
+        self.key_dim = torch.tensor([-1], dtype=torch.int64, device=self.key_dim.device if device is None else device)
         if "key_edit_ids" not in state:
             return
         ids = state["key_edit_ids"].tolist()
@@ -199,14 +225,15 @@ class KeyStore:
             for i, rows in zip(ids, torch.split(state["keys"], counts)):
                 self.add(int(i), rows.to(device) if device is not None else rows)
             return
-        self.dim = int(state["key_dim"][0])
+        self.key_dim = torch.tensor([int(state["key_dim"][0])], dtype=torch.int64, device=self.key_dim.device)
         col_counts = state["key_col_counts"].tolist()
         all_cols = torch.split(state["key_cols"].long(), col_counts)
         all_values = torch.split(state["key_values"], [p * c for p, c in zip(counts, col_counts)])
         for i, p, c, cols, flat in zip(ids, counts, col_counts, all_cols, all_values):
             if device is not None:
                 cols, flat = cols.to(device), flat.to(device)
-            self._entries[int(i)] = (cols, flat.reshape(p, c))
+            self.register_buffer(f"cols_{int(i)}", cols.to(self.key_dim.device))
+            self.register_buffer(f"values_{int(i)}", flat.reshape(p, c).to(self.key_dim.device))
 
 
 def project_out(grad_block: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
