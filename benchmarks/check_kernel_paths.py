@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import pathlib
 
 import torch
 
-from memoir import MemoirConfig, MemoirEditor, load_model, ops
+from memoir import MemoirConfig, MemoirEditor, backends, load_model, ops
 from memoir.batching import build_batch
 from memoir.machine import machine_info
 
@@ -31,7 +30,7 @@ def top1(editor, prompts, targets):
 
 
 def run(mode, model, tok, records, device):
-    os.environ["MEMOIR_KERNELS"] = mode
+    backends.set_kernel_mode(mode)
     editor = MemoirEditor(copy.deepcopy(model).to(device), tok, MemoirConfig.preset("smollm2"))
     for r in records:
         editor.edit(r["src"], r["alt"])

@@ -11,23 +11,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from memoir import ops
+from memoir import backends, memory_op, ops  # noqa: F401  (memory_op registers the op)
 from memoir.bank import MaskBank
 from memoir.preserve import KeyStore
 from memoir.route import CallLocal, Route
 from memoir.state import Float32Buffers
 from memoir.tophash import masks_from_features, prompt_features
-
-
-def _kernels_available() -> bool:
-    try:
-        from memoir import kernels
-    except Exception:  # pragma: no cover - kernels are optional
-        return False
-    return kernels.available()
 
 
 class MemoirLayer(Float32Buffers):
@@ -85,21 +76,6 @@ class MemoirLayer(Float32Buffers):
         """``(columns [B, k], dense [B, D], packed [B, W])`` for each row's prompt span."""
         return masks_from_features(self.features(acts, span), self.top_k, self.permutation)
 
-    # ------------------------------------------------------------------ kernel dispatch
-    def _use_kernels(self, a: torch.Tensor) -> bool:
-        """Triton kernels serve CUDA tensors under MEMOIR_KERNELS=auto.  On CPU the dense
-        masked matmul stays: it measured fastest for decode (benchmarks/results/residual_cpu.json)."""
-        if a.dim() != 3:
-            return False
-        mode = ops.kernel_mode()
-        if mode == "triton":
-            return _kernels_available()
-        return a.is_cuda and mode == "auto" and _kernels_available()
-
-    def _base_weight(self):
-        w = self.base.weight
-        return (w.t() if self.transposed else w), getattr(self.base, "bias", None)
-
     # ------------------------------------------------------------------ routing
     def begin_prefill(self, span: torch.Tensor | None) -> None:
         """The next forward in this call is a prompt pass: route each row from it (span: prompt tokens)."""
@@ -139,7 +115,7 @@ class MemoirLayer(Float32Buffers):
             span = torch.ones((b, s), dtype=torch.bool, device=acts.device)
         if len(self.bank) == 0:
             return Route.unrouted(b, acts.device)
-        if self._use_kernels(acts):
+        if acts.dim() == 3 and backends.use_triton(acts):
             from memoir.kernels import tophash_select
 
             _, packed = tophash_select(self.features(acts, span.to(acts.device)), self.top_k, self.permutation)
@@ -148,66 +124,40 @@ class MemoirLayer(Float32Buffers):
         scores, rows = self.bank.best_match(packed, self.threshold)
         return Route(rows, scores)
 
-    def _route_masks(self, route: Route, dtype) -> torch.Tensor:
-        """Dense 0/1 masks ``[B, D]`` of a route's rows (zeros for unrouted rows), once per route."""
-        masks = route.cache.get("masks")
-        if masks is None or masks.dtype != dtype or masks.device != self.memory.device:
-            masks = self.bank.rows_to_dense(route.rows.to(self.memory.device)).to(dtype)
-            route.cache["masks"] = masks
-        return masks
-
-    def _route_cols(self, route: Route) -> torch.Tensor:
-        """Each row's memory columns ``[B, k]`` (exactly k stored ones; unrouted rows are inactive)."""
-        cols = route.cache.get("cols")
-        if cols is None:
-            masks = self._route_masks(route, self.memory.dtype)
-            cols = masks.topk(self.top_k, dim=1).indices.sort(dim=1).values
-            route.cache["cols"] = cols
-        return cols
-
     # ------------------------------------------------------------------ forward
     def forward(self, a: torch.Tensor, route: Route | None = None) -> torch.Tensor:
-        """``base(a)`` plus the memory read by ``route`` (given, pinned for the call, or decided on
-        this call's prompt pass)."""
+        """``base(a)`` plus the memory read by ``route``.
+
+        An explicit ``route`` is used as given (an inference stack's own per-request routing; no
+        per-call state is read, so this path compiles to one graph).  Without it the route is the
+        one pinned for this call, or the one decided on this call's prompt pass.
+        """
+        if route is not None:
+            return self.routed(a, route) if self.enabled else self.base(a)
         call = self.calls
         capture = call.get("capture")
         if capture is not None:
             capture(a)
         if not self.enabled or call.get("disabled"):
             return self.base(a)
-        if route is None:
-            route = call.get("pinned")
+        route = call.get("pinned")
         if route is None:
             if call.get("prefill"):
                 route = self.route(a, call.get("span"))
                 call.set(prefill=False, span=None, route=route)
             else:
                 route = call.get("route")
-        if route is None or len(self.bank) == 0:
+        if route is None:
             return self.base(a)
-        if self._use_kernels(a):
-            from memoir.kernels import residual_linear
+        return self.routed(a, route)
 
-            w0, bias = self._base_weight()
-            active = route.rows.to(a.device) >= 0
-            return residual_linear(a, w0, bias, self.memory, self._route_cols(route), active)
-        return self.base(a) + self.memory_term(a, self._route_masks(route, a.dtype))
-
-    def memory_term(self, a: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """``Wm (M ⊙ a)`` for per-sequence masks ``[B, D]``."""
-        b, rows = masks.shape[0], a.shape[0]
-        if a.dim() == 3:
-            if rows != b:
-                raise RuntimeError(
-                    f"the route covers {b} sequences but this step has {rows}; "
-                    "run a prompt (prefill) pass for the new batch first"
-                )
-            masks = masks[:, None, :]
-        else:  # flattened tokens [B*S, D], sequence-major
-            if rows % b != 0:
-                raise RuntimeError(f"the route covers {b} sequences but this step has {rows} token rows")
-            masks = masks.repeat_interleave(rows // b, dim=0)
-        return F.linear(a * masks.to(a.dtype), self.memory)
+    def routed(self, a: torch.Tensor, route: Route) -> torch.Tensor:
+        """``base(a) + Wm (M ⊙ a)`` with each sequence's mask from ``route`` (one opaque op, so
+        nothing here branches on the route's values: safe to compile)."""
+        if len(self.bank) == 0:
+            return self.base(a)
+        return torch.ops.memoir.routed_residual(self.base(a), a, self.memory, self.bank.words, route.rows,
+                                                self.top_k)
 
     # ------------------------------------------------------------------ inspection
     def column_usage(self) -> torch.Tensor:

@@ -7,14 +7,16 @@ mask is bit (i % 64) of word (i // 64).  This is what
 
 Every op has a pure-PyTorch kernel here that always works and is the test oracle.
 Native kernels (``memoir._C``) are used when the extension is built, unless
-``MEMOIR_KERNELS=reference``.
+``MEMOIR_KERNELS=reference`` (the choice is made in ``memoir.backends``).
 """
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
+
+from memoir import backends
+from memoir.backends import KERNEL_MODES, kernel_mode  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -165,38 +167,19 @@ def _native():
     return _NATIVE_STATE or None
 
 
-KERNEL_MODES = ("auto", "reference", "triton")
-
-
-def kernel_mode() -> str:
-    """``MEMOIR_KERNELS``: ``auto`` (fastest available), ``reference`` (pure PyTorch everywhere),
-    ``triton`` (as auto, and the layer uses Triton kernels wherever they can run, including the
-    CPU interpreter under ``TRITON_INTERPRET=1``: for testing)."""
-    mode = os.environ.get("MEMOIR_KERNELS", "auto").lower()
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"MEMOIR_KERNELS must be one of {KERNEL_MODES}, got {mode!r}")
-    return mode
-
-
 def backend() -> dict:
     """Which implementation serves CPU and CUDA tensors: 'cpp', 'cuda' or 'torch'."""
-    native = _native() if kernel_mode() != "reference" else None
-    cpu = "cpp" if native is not None and getattr(native, "has_cpu", lambda: False)() else "torch"
-    cuda = "cuda" if native is not None and getattr(native, "has_cuda", lambda: False)() else "torch"
-    return {"cpu": cpu, "cuda": cuda}
+    return backends.retrieval()
 
 
 def cpu_isa() -> str:
     """The CPU popcount kernel the extension picked ('avx512_vpopcntdq', 'popcnt', 'generic'), or 'torch'."""
-    native = _native() if kernel_mode() != "reference" else None
+    native = _native() if backends.kernel_mode() != "reference" else None
     return native.cpu_isa() if native is not None else "torch"
 
 
 def _use_native(t: torch.Tensor) -> bool:
-    if t.device.type not in ("cpu", "cuda"):
-        return False
-    kind = backend()["cuda" if t.is_cuda else "cpu"]
-    return kind != "torch"
+    return backends.native_retrieval(t)
 
 
 def popcounts(masks: torch.Tensor) -> torch.Tensor:

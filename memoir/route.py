@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
@@ -83,8 +83,6 @@ class Route:
 
     rows: torch.Tensor
     scores: torch.Tensor
-    # Derived once per route by the layer (dense masks, memory columns); not part of its identity.
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if self.rows.dim() != 1 or self.rows.dtype != torch.int64:

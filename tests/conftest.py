@@ -28,6 +28,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _kernel_mode_follows_env():
+    """memoir reads MEMOIR_KERNELS once; a test that changed it leaves the next test the original."""
+    yield
+    from memoir import backends
+
+    backends.kernel_mode.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     if not SHARED_DATA.is_dir():

@@ -7,6 +7,7 @@ from torch import nn
 
 from memoir import MemoirConfig, MemoirEditor, MemoirLayer, locate_target
 from memoir.batching import build_batch
+from memoir.memory_op import route_masks
 from tiny import FAMILIES, tiny_model
 
 BACKGROUND = ["the city of paris is in france", "who wrote the book ?", "the river nile is long",
@@ -137,7 +138,7 @@ def test_routing_is_per_row_and_reused_during_decode():
         out = editor.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=True)
         route = layer.last_route
         assert route.rows.tolist() == [0, -1]
-        masks = layer._route_masks(route, torch.float32)
+        masks = route_masks(layer.bank.words, route.rows, layer.in_features, torch.float32)
         assert masks[0].sum() == editor.config.top_k and masks[1].sum() == 0
         # A decode step (non-empty cache) reads the prefill's route instead of routing again.
         step = torch.tensor([[3], [3]])

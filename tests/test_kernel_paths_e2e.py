@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from memoir import MemoirConfig, MemoirEditor
+from memoir import MemoirConfig, MemoirEditor, backends
 from memoir.batching import build_batch
 from test_engine import BACKGROUND
 from tiny import tiny_model
@@ -20,6 +20,7 @@ PROBES = [p for p, _ in EDITS] + ["the eiffel tower is in the city of", "what is
 
 def run(mode, monkeypatch, model, tok):
     monkeypatch.setenv("MEMOIR_KERNELS", mode)
+    backends.reload()
     cfg = MemoirConfig(n_iter=8, num_context_templates=1, threshold=0.5, top_k=40, layer=2)
     editor = MemoirEditor(copy.deepcopy(model), tok, cfg, background_texts=BACKGROUND)
     for p, t in EDITS:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from memoir import ops
+from memoir import backends, ops
 
 try:
     from memoir import _C  # noqa: F401
@@ -99,6 +99,7 @@ def test_reference_matches_numpy(b, n, w, density):
     jac = np.where(union > 0, inter.astype(np.float32) / np.maximum(union, 1).astype(np.float32), 0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEMOIR_KERNELS", "reference")
+        backends.reload()
         assert np.array_equal(ops.overlap_counts(q, m, "hamming").numpy(), qpop + mpop - 2 * inter)
         np.testing.assert_array_equal(ops.overlap_counts(q, m, "jaccard").numpy(), jac.astype(np.float32))
         s, i = ops.best_match(q, m, 0.25)
@@ -280,18 +281,20 @@ def test_native_ops_reject_bad_input_without_crashing():
 @needs_ext
 def test_backend_reports_cpp_and_reference_mode(monkeypatch):
     monkeypatch.delenv("MEMOIR_KERNELS", raising=False)
+    backends.reload()
     assert ops.kernel_mode() == "auto"
     assert ops.backend()["cpu"] == "cpp"
     assert ops.cpu_isa() in ("avx512_vpopcntdq", "popcnt", "generic")
     assert ops.backend()["cuda"] == ("cuda" if _C.has_cuda() else "torch")
     monkeypatch.setenv("MEMOIR_KERNELS", "reference")
+    backends.reload()
     assert ops.backend() == {"cpu": "torch", "cuda": "torch"}
     gen = torch.Generator().manual_seed(5)
     q, m = rand_words(3, 4, gen), rand_words(9, 4, gen)
     assert torch.equal(ops.overlap_counts(q, m), ops.overlap_counts_reference(q, m))
     monkeypatch.setenv("MEMOIR_KERNELS", "fast")
     with pytest.raises(ValueError, match="MEMOIR_KERNELS"):
-        ops.backend()
+        backends.reload()
 
 
 def test_backend_without_extension_falls_back(monkeypatch):
