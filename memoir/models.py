@@ -5,12 +5,12 @@ import importlib.util
 import logging
 import os
 import pathlib
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from memoir.atomic import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +105,12 @@ def load_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, device
 
 
 def _save_atomic(model, tok, target: pathlib.Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+        with atomic_folder(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
     except Exception as exc:  # caching is an optimisation: never fail the load for it
         log.warning("could not cache the dense model in %s: %s", target, exc)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- locating the target

@@ -4,20 +4,21 @@ The state holds the memory, the packed mask bank and its edit ids, the permutati
 background statistics: a fresh permutation or background after reload would silently corrupt
 every stored edit, so they always travel together.  Loading checks the format, the target
 module, a fingerprint of the base weight and the state file's checksum, and fails loudly.
-Saving writes into a temporary folder and renames it, so a crash never leaves half a save.
+Saving writes into a temporary folder and renames it (``memoir.atomic``), so a crash never
+leaves half a save.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import pathlib
-import shutil
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from memoir.atomic import atomic_folder
 from memoir.config import MemoirConfig
+from memoir.types import EditRequest
 
 FORMAT = "memoir-edits/1"
 CONFIG_FILE = "memoir_config.json"
@@ -37,24 +38,10 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
     return hashlib.sha256(weight.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
-def replace_dir(tmp: pathlib.Path, path: pathlib.Path) -> None:
-    """Put the finished folder ``tmp`` at ``path``; an existing ``path`` is swapped out, not merged."""
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
-
-
 def save_editor(editor, path) -> None:
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     layer = editor.layer
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         state = {
             "memory": layer.memory.detach().contiguous().cpu(),
             "bank_words": layer.bank.words.contiguous().cpu(),
@@ -83,15 +70,9 @@ def save_editor(editor, path) -> None:
             "state_sha256": _sha256(tmp / STATE_FILE),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_editor(cls, model, tokenizer, path):
-    from memoir.editor import EditRequest
-
     path = pathlib.Path(path)
     meta_path, state_path = path / CONFIG_FILE, path / STATE_FILE
     if not meta_path.exists() or not state_path.exists():

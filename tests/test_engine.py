@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from memoir import MemoirConfig, MemoirEditor, MemoirLayer, locate_target
+from memoir import editing
 from memoir.batching import build_batch
 from memoir.memory_op import route_masks
 from tiny import FAMILIES, tiny_model
@@ -265,8 +266,52 @@ def test_failed_edit_leaves_memory_and_bank_untouched(monkeypatch):
         editor.layer.memory.data.add_(1.0)  # half-done work that must be undone
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(editor, "_optimise", boom)
+    monkeypatch.setattr(editing, "optimise", boom)
     with pytest.raises(KeyboardInterrupt):
         editor.edit("the capital of japan is", "berlin")
     assert torch.equal(editor.layer.memory, memory) and torch.equal(editor.layer.bank.words, words)
     assert list(editor.edits) == [0]
+
+
+def _editor_state(editor):
+    keys = {i: editor.keys.dense(i).clone() for i in editor.keys.ids()}
+    return (editor.layer.memory.detach().clone(), editor.layer.bank.words.clone(), editor.layer.bank.edit_ids,
+            keys, dict(editor.edits), editor.threshold, editor._next_id)
+
+
+def _assert_same_state(got, want):
+    assert torch.equal(got[0], want[0]), "memory changed"
+    assert torch.equal(got[1], want[1]) and got[2] == want[2], "bank changed"
+    assert got[3].keys() == want[3].keys() and all(torch.equal(got[3][i], want[3][i]) for i in want[3])
+    assert got[4] == want[4] and got[5] == want[5] and got[6] == want[6]
+
+
+@pytest.mark.parametrize("prompt", ["the capital of japan is", PROMPT])  # a new mask / the same mask re-edited
+def test_interrupted_edit_rolls_back_every_entry_it_touched(monkeypatch, prompt):
+    """Interrupted after three real SGD steps (whole-matrix decay: other edits' columns move too)."""
+    editor = make_editor(threshold="auto", preserve_neighbours=2, decay_scope="all", weight_decay=0.5,
+                         grad_clip=0.0, early_stop=False)
+    editor.edit(PROMPT, TARGET)
+    editor.edit("who wrote the book ?", "paris")
+    before = _editor_state(editor)
+    steps, moved = [], []
+    transforms = editing.gradient_transforms
+
+    def counting(*args, **kwargs):
+        def interrupt_at_fourth_step(g):
+            steps.append(1)
+            if len(steps) == 4:
+                changed = editor.layer.memory.detach() != before[0]
+                moved.append(int(changed.any(0).sum()) > editor.config.top_k)  # beyond the edit's own columns
+                raise KeyboardInterrupt
+        return [*transforms(*args, **kwargs), interrupt_at_fourth_step]
+
+    monkeypatch.setattr(editing, "gradient_transforms", counting)
+    with pytest.raises(KeyboardInterrupt):
+        editor.edit(prompt, "berlin")
+    assert len(steps) == 4 and moved == [True], "the interrupted steps must have changed columns of other edits"
+    _assert_same_state(_editor_state(editor), before)
+    # The editor still works after the rollback and the next edit gets the next id.
+    monkeypatch.setattr(editing, "gradient_transforms", transforms)
+    result = editor.edit(prompt, "berlin")
+    assert result.edit_id == before[6]

@@ -6,6 +6,7 @@ import torch
 
 from memoir import MemoirConfig, MemoirEditor
 from memoir.batching import build_batch
+from memoir import background
 from memoir.persist import CONFIG_FILE, STATE_FILE
 from test_engine import BACKGROUND, PROMPT, TARGET, make_editor
 from tiny import tiny_model
@@ -115,7 +116,7 @@ def test_background_statistics_are_cached(tmp_path, monkeypatch):
     first.detach()
     assert len(list((tmp_path / "background").glob("*.safetensors"))) == 1
     calls = []
-    monkeypatch.setattr(MemoirEditor, "_background_stats", lambda self, texts: calls.append(1))
+    monkeypatch.setattr(background, "compute_background_statistics", lambda *args: calls.append(1))
     second = MemoirEditor(model, tok, background_texts=BACKGROUND)
     assert not calls
     assert torch.equal(second.layer.background_mean, stats[0]) and torch.equal(second.layer.background_std, stats[1])

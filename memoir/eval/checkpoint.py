@@ -17,14 +17,13 @@ import hashlib
 import json
 import pathlib
 import shutil
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from memoir.atomic import atomic_folder
 from memoir.eval.methods import with_defaults
 from memoir.eval.runner import json_default
-from memoir.persist import replace_dir
 
 PROGRESS_FILE = "progress.json"
 RNG_FILE = "rng.safetensors"
@@ -74,17 +73,11 @@ class RunCheckpoint:
         return has_checkpoint(self.path)
 
     def save(self, method, progress: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=self.path.name + ".", dir=self.path.parent))
-        try:
+        with atomic_folder(self.path) as tmp:
             method_info = method.save_state(tmp)
             save_file({"torch": torch.get_rng_state()}, str(tmp / RNG_FILE))
             doc = {"fingerprint": self.fingerprint, "method_state": method_info, **progress}
             (tmp / PROGRESS_FILE).write_text(json.dumps(doc, default=json_default))
-            replace_dir(tmp, self.path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def load(self, method) -> dict:
         """Restore the method's edited state and the RNG; returns the saved progress."""

@@ -17,6 +17,7 @@ import logging
 import pathlib
 import sys
 
+from memoir.atomic import write_text
 from memoir.eval.datasets import FORMATS
 
 log = logging.getLogger(__name__)
@@ -207,10 +208,7 @@ def _eval(args, torch) -> int:
         if flushed:
             torch.set_flush_denormal(False)
     out = pathlib.Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=json_default))
-    tmp.replace(out)
+    write_text(out, json.dumps(result, indent=1, default=json_default))
     if checkpoint is not None:
         checkpoint.remove()
     print(format_summary(result))

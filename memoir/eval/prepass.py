@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pathlib
-import tempfile
 
 import torch
+
+from memoir.atomic import write_text
 
 from memoir.eval.checkpoint import records_digest
 from memoir.eval.runner import json_default
@@ -79,10 +79,6 @@ class PrePassCache:
         doc = {"format": FORMAT, "pre_loc": {str(k): v for k, v in pre_loc.items()}, "pre_rows": rows,
                "pre_seconds": pre_seconds}
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".pre-", dir=self.directory)
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, default=json_default)
-            os.replace(tmp, self._file(key))
+            write_text(self._file(key), json.dumps(doc, default=json_default))
         except OSError as e:  # a read-only cache must not fail an evaluation that already ran
             log.warning("could not write the pre-edit cache %s (%s)", self.directory, e)

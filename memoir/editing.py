@@ -1,0 +1,212 @@
+"""One edit, in parts that read alone: encode the prompt, protect earlier edits, train, all or nothing.
+
+* :func:`encode_edit`: the rows (prompt under each context template + target), one frozen pass
+  that yields the edit's TopHash mask, the edited layer's inputs, the output to replay below it
+  and the preservation keys;
+* :class:`EditTransaction`: snapshots everything an edit may change (memory, bank, keys, edit
+  records, threshold, next id) and restores all of it if the edit fails or is interrupted;
+* :func:`preservation_basis`: the directions inside the edit's columns that it must not write
+  along (keys of conflicting neighbours, energy of the stored keys);
+* :func:`gradient_transforms`: the ordered list of in-place changes to the memory gradient
+  (column protection, decay of the active columns, projection, clipping);
+* :func:`optimise`: the training loop over the memory, every row routed to the edit's own mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from memoir.batching import Batch, build_batch
+from memoir.ops import overlap_counts
+from memoir.preserve import project_out
+from memoir.replay import capture_below, contiguous_head, keep_logits, replaying_below
+from memoir.route import Route
+from memoir.types import EditRequest
+
+GradTransform = Callable[[torch.Tensor], None]  # changes the memory gradient in place
+
+
+@dataclass
+class EditInputs:
+    """What one frozen pass over the edit's rows tells the edit."""
+
+    batch: Batch
+    cols: torch.Tensor  # [k] memory columns of the edit's mask
+    dense: torch.Tensor  # [D] bool mask
+    packed: torch.Tensor  # [W] packed mask
+    replay_output: object  # output of the layer below the edited one (None: full forward)
+    keys: torch.Tensor | None  # [P, D] layer inputs predicting the target tokens, masked (or None)
+
+
+@torch.no_grad()
+def encode_edit(editor, request: EditRequest) -> EditInputs:
+    """Tokenise the edit's rows and run the frozen model once over them."""
+    cfg = editor.config
+    rows = [tpl.format(request.prompt) for tpl in editor.context_templates()]
+    batch = build_batch(editor.tokenizer, rows, request.target, device=editor.device)
+    with editor.disabled(), editor.layer.capturing() as seen, \
+            capture_below(editor.target, enabled=not cfg.full_forward) as replay_output:
+        editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                     **keep_logits(editor.model, 1))
+    acts = seen[0].reshape(*batch.input_ids.shape, -1)
+    # The mask comes from row 0: the bare prompt, without a context template.
+    cols, dense, packed = editor.layer.query_masks(acts[:1], batch.prompt_mask[:1])
+    keys = None
+    if cfg.preserve_neighbours > 0 or cfg.preserve_energy > 0:
+        positions = batch.target_mask[0, 1:].nonzero().squeeze(1)
+        keys = acts[0, positions].float() * dense[0].to(acts.device, torch.float32)
+    return EditInputs(batch, cols[0], dense[0], packed[0], replay_output[0] if replay_output else None, keys)
+
+
+class EditTransaction:
+    """``with EditTransaction(editor):`` the block's changes to the editor stick only if it finishes.
+
+    Memory, bank and keys are snapshotted whole (bank and key tensors are replaced, never
+    modified in place, so holding them is the snapshot; the memory is copied), along with the
+    edit records, the threshold in force and the next edit id.
+    """
+
+    def __init__(self, editor):
+        self.editor = editor
+
+    def __enter__(self) -> "EditTransaction":
+        ed, layer = self.editor, self.editor.layer
+        self.memory = layer.memory.detach().clone()
+        self.bank = layer.bank.snapshot()
+        self.keys = layer.keys.snapshot()
+        self.edits = dict(ed.edits)
+        self.threshold = layer.threshold
+        self.next_id = ed._next_id
+        return self
+
+    @property
+    def bank_words(self) -> torch.Tensor:
+        """The bank as it was before the edit."""
+        return self.bank[0]
+
+    @property
+    def bank_ids(self) -> list[int]:
+        return self.bank[1].tolist()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.rollback()
+        return False
+
+    def rollback(self) -> None:
+        ed, layer = self.editor, self.editor.layer
+        with torch.no_grad():
+            layer.memory.copy_(self.memory)
+        layer.memory.grad = None
+        layer.bank.restore(self.bank)
+        layer.keys.restore(self.keys)
+        ed.edits = self.edits
+        layer.threshold = self.threshold
+        ed._next_id = self.next_id
+
+
+def conflicting_edits(packed: torch.Tensor, bank_words: torch.Tensor, bank_ids: list[int], top_k: int,
+                      gate: float) -> list[int] | None:
+    """Stored edits whose masks share >= ``gate`` of the new mask's columns (None: no gate)."""
+    if gate <= 0:
+        return None
+    if not bank_ids:
+        return []
+    shared = overlap_counts(packed[None].to(bank_words.device), bank_words)[0].float() / top_k
+    return [bank_ids[i] for i in (shared >= gate).nonzero().flatten().tolist()]
+
+
+def preservation_basis(editor, inputs: EditInputs, txn: EditTransaction):
+    """``(preserved edit ids, orthonormal basis [k, r] or None)``: what the edit must leave unchanged.
+
+    Exactly preserved neighbours first (the stored edits with conflicting masks whose keys align
+    most with the new one), then the leading directions of all stored keys' energy inside the
+    edit's columns; together at most ``preserve_max_rank * k`` directions.
+    """
+    cfg, keys = editor.config, editor.keys
+    if inputs.keys is None:
+        return [], None
+    max_rank = max(1, int(cfg.preserve_max_rank * editor.layer.top_k))
+    preserved, basis = [], None
+    if cfg.preserve_neighbours > 0:
+        candidates = conflicting_edits(inputs.packed, txn.bank_words, txn.bank_ids, editor.layer.top_k,
+                                       float(cfg.preserve_min_overlap))
+        preserved = keys.neighbours(inputs.keys.mean(0), inputs.cols, cfg.preserve_neighbours, candidates)
+        preserved, basis = keys.within_rank(preserved, inputs.cols, max_rank)
+    if cfg.preserve_energy > 0 and len(txn.bank_ids) >= cfg.preserve_energy_after:
+        used = 0 if basis is None else basis.shape[1]
+        extra = keys.principal_directions(inputs.cols, cfg.preserve_energy, max_rank - used, basis)
+        if extra is not None:
+            basis = extra if basis is None else torch.cat([basis, extra.to(basis)], dim=1)
+    return preserved, basis
+
+
+def gradient_transforms(cfg, memory: torch.nn.Parameter, inputs: EditInputs, owners_before: torch.Tensor | None,
+                        basis: torch.Tensor | None) -> list[GradTransform]:
+    """The in-place changes to the memory gradient, in the order they apply."""
+    transforms: list[GradTransform] = []
+    if owners_before is not None:  # prefer columns fewer earlier edits own
+        scale = 1.0 / (1.0 + cfg.column_protection * owners_before.to(memory.device, memory.dtype))
+        if cfg.column_protection_mode == "relative":
+            scale = scale / scale[inputs.cols].mean()
+        transforms.append(lambda g: g.mul_(scale))
+    if cfg.decay_scope == "active" and cfg.weight_decay > 0:  # decay the edit's own columns only
+        active = inputs.dense.to(memory.device, memory.dtype)
+        transforms.append(lambda g: g.add_(memory.detach() * active, alpha=cfg.weight_decay))
+    if basis is not None:  # last before clipping, so decay and protection are projected too
+        q, cols = basis.to(memory.device, memory.dtype), inputs.cols
+
+        def project(g):
+            g[:, cols] = project_out(g[:, cols], q)
+        transforms.append(project)
+    if cfg.grad_clip > 0:
+        transforms.append(lambda g: torch.nn.utils.clip_grad_norm_([memory], cfg.grad_clip))
+    return transforms
+
+
+def optimise(editor, inputs: EditInputs, row: int, transforms: list[GradTransform]) -> tuple[int, float]:
+    """SGD on the memory with every row routed to bank row ``row``; returns ``(steps, last loss)``."""
+    cfg, model, memory = editor.config, editor.model, editor.layer.memory
+    batch = inputs.batch
+    decay = cfg.weight_decay if cfg.decay_scope == "all" else 0.0
+    opt = torch.optim.SGD([memory], lr=cfg.lr, weight_decay=decay)
+    n_target = int(batch.target_mask[0].sum())
+    # Every row ends with the same target tokens (left padding), so only the last n_target + 1
+    # positions' logits are needed; full_forward computes all of them as the reference loop does.
+    labels = batch.input_ids[:, -n_target:]
+    keep = {} if cfg.full_forward else keep_logits(model, n_target + 1)
+    route = Route.to_row(row, batch.input_ids.shape[0], memory.device)
+    steps, prev, loss_value = 0, None, float("nan")
+    memory.requires_grad_(True)
+    # Tiny gradients into a zero-initialised memory are denormal floats, which run many times
+    # slower on x86 CPUs; flush them to zero while editing (torch has no getter, so the setting
+    # is switched back off afterwards).
+    flushing = memory.device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        with replaying_below(editor.target, inputs.replay_output), contiguous_head(model), torch.enable_grad(), \
+                editor.layer.using_route(route):
+            for _ in range(cfg.n_iter):
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                               **keep).logits
+                logits = logits[:, -(n_target + 1): -1]
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+                loss_value = loss.detach().item()
+                if (cfg.early_stop and prev is not None and abs(loss_value - prev) <= cfg.early_stop_delta
+                        and loss_value <= cfg.early_stop_loss):
+                    break
+                prev = loss_value
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for transform in transforms:
+                    transform(memory.grad)
+                opt.step()
+                steps += 1
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
+        memory.requires_grad_(False)
+        memory.grad = None
+    return steps, loss_value

@@ -1,0 +1,40 @@
+"""The values the editor API takes and returns (shared by the editor, saving and the harness)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EditRequest:
+    prompt: str
+    target: str
+
+    @classmethod
+    def coerce(cls, item) -> "EditRequest":
+        if isinstance(item, EditRequest):
+            return item
+        if isinstance(item, dict):
+            missing = [k for k in ("prompt", "target") if not isinstance(item.get(k), str) or not item.get(k).strip()]
+            if missing:
+                raise ValueError(f"edit request {item!r} lacks a non-empty {' and '.join(missing)}")
+            return cls(item["prompt"], item["target"])
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            return cls(str(item[0]), str(item[1]))
+        raise TypeError(f"cannot read an edit request from {type(item).__name__}: {item!r}")
+
+
+@dataclass
+class EditResult:
+    edit_id: int
+    prompt: str
+    target: str
+    steps: int
+    loss: float
+    seconds: float
+    preserved: tuple[int, ...] = ()  # earlier edits whose keys this edit's update left unchanged
+
+
+@dataclass
+class Retrieval:
+    edit_id: int | None
+    score: float
