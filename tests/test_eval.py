@@ -765,3 +765,61 @@ def test_run_eval_script_names_runs_and_resumes(tmp_path, tiny_model_dir, monkey
     assert "(resuming)" in log
     assert json.loads(target.read_text())["resumed_at"] == [1]
     assert not (out / "zsre_ft_n3.json.partial").exists()
+
+
+class _ScriptedMethod(OracleScorer):
+    """A method whose continuations and routes are scripted per prompt (no model)."""
+
+    name = "scripted"
+
+    def __init__(self, tokenizer, vocab, continuation, route):
+        super().__init__(tokenizer, vocab)
+        self.model = None
+        self.continuation, self.route = continuation, route
+        self._last = []
+
+    def logits(self, batch, keep):
+        self._last = [None] * batch.input_ids.shape[0]
+        return super().logits(batch, keep)
+
+    def generate_ids(self, prompts, max_new_tokens):
+        self._last = [self.route(p) for p in prompts]
+        return [self.continuation(p) for p in prompts]
+
+    def routes(self):
+        return self._last
+
+
+def test_every_paraphrase_and_neighbour_is_measured(tiny_tokenizer):
+    from memoir.eval.datasets import _counterfact_rome, _Rec
+    from memoir.eval.runner import evaluate, summarise
+
+    rec = _counterfact_rome(_Rec(dict(CF_ROME, neighborhood_prompts=["max mosley originates from", "lita ford was native to",
+                                                                      "the city of paris is in"]), 0, "t"))
+    assert rec.paraphrases == CF_ROME["paraphrase_prompts"] and len(rec.neighbours) == 3
+    fires = {"lita ford was native to"}
+    unedited = _ScriptedMethod(tiny_tokenizer, len(tiny_tokenizer), lambda p: [1, 2], lambda p: None)
+    pre = evaluate(unedited, [rec], "qa", em=False)
+    pre_nbr = {0: pre[0].pop("nbr_ids")}
+    assert pre_nbr[0] == [[1, 2]] * 3
+    # After editing: one neighbour fires an edit and changes its continuation, one changes without firing.
+    edited = _ScriptedMethod(tiny_tokenizer, len(tiny_tokenizer),
+                             lambda p: [9] if p in fires or p.startswith("the city") else [1, 2],
+                             lambda p: 0 if p in fires else None)
+    rows = evaluate(edited, [rec], "qa", {}, em=False, pre_nbr=pre_nbr)
+    assert rows[0]["nbr_spec"] == pytest.approx(1 / 3) and rows[0]["nbr_fire"] == pytest.approx(1 / 3)
+    assert rows[0]["gen_all"] == pytest.approx(1.0)  # the oracle predicts every target token
+    summary = summarise(rows)
+    assert summary["nbr_spec"] == pytest.approx(1 / 3) and summary["gen_all"] == pytest.approx(1.0)
+
+
+def test_cli_eval_counterfact_reports_paraphrase_and_neighbour_columns(tmp_path, tiny_model_dir):
+    recs = [CF_ROME, dict(CF_ROME, case_id=8, requested_rewrite=dict(CF_ROME["requested_rewrite"], subject="Lita Ford"),
+                          paraphrase_prompts=["Lita Ford is native to", "Lita Ford was born in"])]
+    data = _write(tmp_path, "cf.json", recs + [CF_ROME])
+    for method in ("memoir", "grace"):
+        res = _run_cli(tmp_path, tiny_model_dir, method, data)
+        for key in ("gen_all", "route_gen_all", "nbr_spec", "nbr_fire"):
+            assert 0.0 <= res[key] <= 1.0, (method, key)
+        assert "nbr_ids" not in res["records"][0] and "nbr_spec" in res["records"][0]
+        assert res["pre"]["nbr_fire"] == 0.0  # the unedited model routes nothing

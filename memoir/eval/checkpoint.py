@@ -34,7 +34,7 @@ def records_digest(records) -> str:
     """sha256 over the fields the protocol reads, in order: identifies the edit stream."""
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps([r.prompt, r.target, r.rephrase, r.loc_prompt, r.loc_answer]).encode())
+        h.update(json.dumps([r.prompt, r.target, r.rephrase, r.loc_prompt, r.loc_answer, r.paraphrases, r.neighbours]).encode())
     return h.hexdigest()
 
 

@@ -220,7 +220,8 @@ def format_summary(result: dict) -> str:
     def f(v):
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
-    keys = ["rel", "gen", "loc", "rel_ppl", "rel_em", "gen_em", "mean", "route_rel", "route_gen", "route_loc_any"]
+    keys = ["rel", "gen", "loc", "rel_ppl", "rel_em", "gen_em", "mean", "route_rel", "route_gen", "route_loc_any",
+            "gen_all", "route_gen_all", "nbr_spec", "nbr_fire"]
     parts = [f"{k}={f(result.get(k))}" for k in keys if k in result]
     return (
         f"{result['method']} on {pathlib.Path(result.get('data', '?')).name} ({result.get('format')}), "

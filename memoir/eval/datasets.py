@@ -54,6 +54,16 @@ class EditRecord:
     loc_prompt: str | None = None
     loc_answer: str | None = None
     extra: dict = field(default_factory=dict)
+    # Every paraphrase and every neighbourhood prompt of the record (CounterFact has several;
+    # other formats one each, the rephrase and the locality prompt).
+    paraphrases: list[str] = field(default_factory=list)
+    neighbours: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.paraphrases and self.rephrase is not None:
+            self.paraphrases = [self.rephrase]
+        if not self.neighbours and self.loc_prompt is not None:
+            self.neighbours = [self.loc_prompt]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,7 +206,8 @@ def _counterfact_rome(rec: _Rec) -> EditRecord:
     }
     if "portability" in rec.raw:
         extra["portability"] = rec.raw["portability"]
-    return EditRecord(template.replace("{}", subject), target, paraphrases[0], neighbours[0], true, extra)
+    return EditRecord(template.replace("{}", subject), target, paraphrases[0], neighbours[0], true, extra,
+                      list(paraphrases), list(neighbours))
 
 
 PARSERS = {

@@ -87,6 +87,13 @@ class MemoirMethod(_Base):
             self._route = layer.last_route
         return out
 
+    def generate_ids(self, prompts, max_new_tokens: int):
+        layer = self.editor.layer
+        with layer.calls.overriding():
+            ids = metrics.greedy_generate_ids(self.model, self.tokenizer, prompts, max_new_tokens)
+            self._route = layer.last_route
+        return ids
+
     def routes(self):
         if self._route is None:
             return None

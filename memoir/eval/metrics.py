@@ -197,6 +197,19 @@ def generation_em(scorer, prompts: list[str], targets: list[str], batch_size: in
     return out
 
 
+def continuations(scorer, prompts: list[str], max_new_tokens: int, batch_size: int = DEFAULT_BATCH_SIZE,
+                  on_batch=None) -> list[list[int]]:
+    """Greedy continuations (token ids) of each prompt, batched; ``on_batch(indices)`` after each batch."""
+    out: list = [None] * len(prompts)
+    for start in range(0, len(prompts), batch_size):
+        idx = list(range(start, min(len(prompts), start + batch_size)))
+        for i, ids in zip(idx, scorer.generate_ids([prompts[i] for i in idx], max_new_tokens)):
+            out[i] = list(ids)
+        if on_batch is not None:
+            on_batch(idx)
+    return out
+
+
 # ----------------------------------------------------------------------------- model helpers
 def keeps_logits(model) -> bool:
     import inspect

@@ -23,7 +23,7 @@ from memoir.eval.checkpoint import records_digest
 from memoir.eval.runner import json_default
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2  # 2: neighbourhood continuations (pre_nbr)
 
 
 def model_digest(model, tokenizer) -> str:
@@ -66,18 +66,21 @@ class PrePassCache:
         path = self._file(key)
         try:
             doc = json.loads(path.read_text())
-            return {"pre_loc": {int(k): v for k, v in doc["pre_loc"].items()}, "pre_rows": list(doc["pre_rows"])}
+            if doc.get("format") != FORMAT:
+                raise ValueError(f"format {doc.get('format')!r}, expected {FORMAT}")
+            return {"pre_loc": {int(k): v for k, v in doc["pre_loc"].items()}, "pre_rows": list(doc["pre_rows"]),
+                    "pre_nbr": {int(k): v for k, v in doc.get("pre_nbr", {}).items()}}
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged entry is recomputed, not fatal
             log.warning("ignoring unreadable pre-edit cache entry %s (%s)", path, e)
             return None
 
-    def save(self, key: str, pre_loc: dict, pre_rows: list[dict], pre_seconds: float) -> None:
+    def save(self, key: str, pre_loc: dict, pre_rows: list[dict], pre_seconds: float, pre_nbr: dict | None = None) -> None:
         # Routing diagnostics belong to the method that computed the pass, not to the unedited model.
         rows = [{k: v for k, v in r.items() if not k.startswith("route_")} for r in pre_rows]
         doc = {"format": FORMAT, "pre_loc": {str(k): v for k, v in pre_loc.items()}, "pre_rows": rows,
-               "pre_seconds": pre_seconds}
+               "pre_seconds": pre_seconds, "pre_nbr": {str(k): v for k, v in (pre_nbr or {}).items()}}
         try:
             write_text(self._file(key), json.dumps(doc, default=json_default))
         except OSError as e:  # a read-only cache must not fail an evaluation that already ran

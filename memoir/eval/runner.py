@@ -31,7 +31,10 @@ from memoir.eval import metrics
 from memoir.eval.datasets import EditRecord
 from memoir.machine import machine_info
 
-SUMMARY_KEYS = ("rel", "gen", "loc", "rel_ppl", "ood_acc", "rel_em", "gen_em", "route_rel", "route_gen", "route_loc_any")
+SUMMARY_KEYS = ("rel", "gen", "loc", "rel_ppl", "ood_acc", "rel_em", "gen_em", "route_rel", "route_gen", "route_loc_any",
+                "gen_all", "route_gen_all", "nbr_spec", "nbr_fire")
+# Greedy tokens compared on each neighbourhood prompt (specificity: the continuation is unchanged).
+NEIGHBOUR_TOKENS = 8
 
 
 def json_default(obj):
@@ -75,10 +78,14 @@ def loc_snapshot(method, records: list[EditRecord], batch_size: int = metrics.DE
 
 
 def evaluate(method, records: list[EditRecord], kind: str, pre_loc: dict | None = None, *, em: bool = True,
-             batch_size: int = metrics.DEFAULT_BATCH_SIZE, positions: list[int] | None = None) -> list[dict]:
+             batch_size: int = metrics.DEFAULT_BATCH_SIZE, positions: list[int] | None = None,
+             pre_nbr: dict | None = None) -> list[dict]:
     """Per-record metrics for ``records`` with the method's current model.
 
     ``positions[i]`` is record i's position in the edit stream (for routing diagnostics).
+    ``pre_nbr`` (``{record index: [greedy token ids per neighbourhood prompt]}`` of the unedited
+    model) turns on neighbourhood specificity; every row of a ``qa`` run carries ``nbr_ids``, the
+    continuations this pass produced (the pre-edit pass's become ``pre_nbr``).
     """
     n = len(records)
     positions = list(range(n)) if positions is None else positions
@@ -125,6 +132,9 @@ def evaluate(method, records: list[EditRecord], kind: str, pre_loc: dict | None 
             if routes.used:
                 rows[i]["route_loc"] = routes.values[j]
 
+    if kind == "qa":
+        _paraphrases_and_neighbours(method, records, rows, positions, pre_nbr, batch_size)
+
     # Generation exact match (short-answer datasets only).
     if em and kind == "qa":
         out = metrics.generation_em(method, [r.prompt for r in records], [r.target for r in records], batch_size)
@@ -140,9 +150,44 @@ def evaluate(method, records: list[EditRecord], kind: str, pre_loc: dict | None 
     return rows
 
 
+def _paraphrases_and_neighbours(method, records, rows, positions, pre_nbr, batch_size) -> None:
+    """Gen over every paraphrase (``gen_all``, ``route_gen_all``) and, per neighbourhood prompt,
+    whether it fires an edit (``nbr_fire``) and keeps its unedited continuation (``nbr_spec``)."""
+    extra = [(i, p) for i, r in enumerate(records) for p in r.paraphrases[1:]]  # the first is the rephrase
+    accs = {i: [row["gen"]] for i, row in enumerate(rows) if "gen" in row}
+    own = {i: [row["route_gen"] == positions[i]] for i, row in enumerate(rows) if "route_gen" in row}
+    if extra:
+        routes = _Routes(method, len(extra))
+        scores = metrics.teacher_forced(method, [p for _, p in extra], [records[i].target for i, _ in extra],
+                                        batch_size, on_batch=routes)
+        for j, (i, _) in enumerate(extra):
+            accs.setdefault(i, []).append(scores[j].acc)
+            if routes.used:
+                own.setdefault(i, []).append(routes.values[j] == positions[i])
+    for i, values in accs.items():
+        rows[i]["gen_all"] = metrics.mean(values)
+    for i, values in own.items():
+        rows[i]["route_gen_all"] = metrics.mean(float(v) for v in values)
+    items = [(i, p) for i, r in enumerate(records) for p in r.neighbours]
+    if not items:
+        return
+    routes = _Routes(method, len(items))
+    conts = metrics.continuations(method, [p for _, p in items], NEIGHBOUR_TOKENS, batch_size, on_batch=routes)
+    per: dict[int, list] = {}
+    for j, (i, _) in enumerate(items):
+        per.setdefault(i, []).append(j)
+    for i, js in per.items():
+        rows[i]["nbr_ids"] = [conts[j] for j in js]
+        if routes.used:
+            rows[i]["nbr_fire"] = metrics.mean(float(routes.values[j] is not None) for j in js)
+        if pre_nbr is not None and i in pre_nbr:
+            rows[i]["nbr_spec"] = metrics.mean(float(c == p) for c, p in zip(rows[i]["nbr_ids"], pre_nbr[i]))
+
+
 def summarise(rows: list[dict]) -> dict:
     out = {}
-    for key in ("rel", "gen", "loc", "rel_ppl", "ood_acc", "rel_em", "gen_em"):
+    for key in ("rel", "gen", "loc", "rel_ppl", "ood_acc", "rel_em", "gen_em", "gen_all", "route_gen_all",
+                "nbr_spec", "nbr_fire"):
         out[key] = metrics.mean(r.get(key) for r in rows)
     if any("route_rel" in r for r in rows):
         out["route_rel"] = metrics.mean(float(r["route_rel"] == r["position"]) for r in rows if "route_rel" in r)
@@ -175,6 +220,7 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
     state = checkpoint.load(method) if checkpoint is not None and checkpoint.exists() else None
     if state is not None:
         pre_loc = {int(k): v for k, v in state["pre_loc"].items()}
+        pre_nbr = {int(k): v for k, v in state.get("pre_nbr", {}).items()}
         pre_rows, pre_seconds = state["pre_rows"], state["pre_seconds"]
         pre_reused = state.get("pre_reused", False)
         edit_rows, curve, curve_seconds = state["edit_rows"], state["curve"], state["curve_seconds"]
@@ -182,13 +228,14 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
     else:
         cached = pre_cache.load(pre_key) if pre_cache is not None else None
         if cached is not None:
-            pre_loc, pre_rows = cached["pre_loc"], cached["pre_rows"]
+            pre_loc, pre_rows, pre_nbr = cached["pre_loc"], cached["pre_rows"], cached["pre_nbr"]
             pre_reused = True
         else:
             pre_loc = loc_snapshot(method, records, batch_size)
             pre_rows = evaluate(method, records, kind, None, em=False, batch_size=batch_size)
+            pre_nbr = {i: row.pop("nbr_ids") for i, row in enumerate(pre_rows) if "nbr_ids" in row}
             if pre_cache is not None:
-                pre_cache.save(pre_key, pre_loc, pre_rows, time.perf_counter() - t0)
+                pre_cache.save(pre_key, pre_loc, pre_rows, time.perf_counter() - t0, pre_nbr)
         pre_seconds = time.perf_counter() - t0
         edit_rows, curve, curve_seconds = [], [], 0.0
 
@@ -197,6 +244,7 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
             return
         checkpoint.save(method, {
             "pre_loc": {str(k): v for k, v in pre_loc.items()}, "pre_rows": pre_rows, "pre_seconds": pre_seconds,
+            "pre_nbr": {str(k): v for k, v in pre_nbr.items()},
             "pre_reused": pre_reused, "edit_rows": edit_rows, "curve": curve, "curve_seconds": curve_seconds,
             "elapsed": elapsed_before + time.perf_counter() - t0, "resumed_at": resumed_at,
         })
@@ -214,7 +262,7 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
         bar.set_postfix(loss=f"{info['loss']:.3f}", steps=info["steps"])
         if eval_every and (i + 1) % eval_every == 0 and (i + 1) < n:
             tc = time.perf_counter()
-            sub = evaluate(method, records[: i + 1], kind, pre_loc, em=False, batch_size=batch_size)
+            sub = evaluate(method, records[: i + 1], kind, pre_loc, em=False, batch_size=batch_size, pre_nbr=pre_nbr)
             curve.append({"n_edits": i + 1, **summarise(sub)})
             curve_seconds += time.perf_counter() - tc
         if checkpoint_every and ((i + 1) % checkpoint_every == 0 or i + 1 == n):
@@ -223,7 +271,9 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
     edit_seconds = sum(r["seconds"] for r in edit_rows)
 
     t1 = time.perf_counter()
-    rows = evaluate(method, records, kind, pre_loc, em=em, batch_size=batch_size)
+    rows = evaluate(method, records, kind, pre_loc, em=em, batch_size=batch_size, pre_nbr=pre_nbr)
+    for row in rows:
+        row.pop("nbr_ids", None)  # compared with the unedited ones above; too bulky for the result file
     eval_seconds = time.perf_counter() - t1
     summary = summarise(rows)
     if eval_every:
