@@ -19,6 +19,7 @@ PRESET_DIR = pathlib.Path(__file__).resolve().parent / "presets"
 FEATURE_SCALINGS = ("none", "std")
 DECAY_SCOPES = ("all", "active", "none")
 PROTECTION_MODES = ("absolute", "relative")
+ROUTERS = ("mask", "subject")
 
 
 def read_mapping(path) -> dict:
@@ -100,6 +101,13 @@ class MemoirConfig(DictFields):
     preserve_energy_after: int = 0
     # threshold "auto": tau = the best overlap any background text reaches against the bank, plus this.
     threshold_margin: float = 0.02
+    # Router.  "mask" (reference): the stored edit with the largest mask overlap, if >= threshold.
+    # "subject": only edits whose subject the query mentions are eligible (hidden-state subject keys
+    # at layer subject_layer, cosine >= subject_threshold; memoir/subject_router.py); among them the
+    # largest mask overlap wins, whatever its value.
+    router: str = "mask"
+    subject_layer: int = 4
+    subject_threshold: float = 0.95
     extra: dict = field(default_factory=dict)  # free-form notes carried with a preset
 
     def __post_init__(self):
@@ -118,6 +126,12 @@ class MemoirConfig(DictFields):
             if not 0.0 <= tau <= 1.0:
                 bad("threshold", self.threshold, "tau must lie in [0, 1] or be 'auto'")
             self.threshold = tau
+        if self.router not in ROUTERS:
+            bad("router", self.router, f"must be one of {ROUTERS}")
+        if not isinstance(self.subject_layer, int) or self.subject_layer < 1:
+            bad("subject_layer", self.subject_layer, "must be a positive layer count")
+        if not -1.0 <= float(self.subject_threshold) <= 1.0:
+            bad("subject_threshold", self.subject_threshold, "a cosine threshold must lie in [-1, 1]")
         if not 0.0 < float(self.preserve_max_rank) <= 1.0:
             bad("preserve_max_rank", self.preserve_max_rank, "must lie in (0, 1]")
         if not 0.0 <= float(self.preserve_energy) < 1.0:

@@ -77,6 +77,7 @@ class EditTransaction:
         self.memory = layer.memory.detach().clone()
         self.bank = layer.bank.snapshot()
         self.keys = layer.keys.snapshot()
+        self.subject = layer.subject.snapshot() if layer.subject is not None else None
         self.edits = dict(ed.edits)
         self.threshold = layer.threshold
         self.next_id = ed._next_id
@@ -103,6 +104,8 @@ class EditTransaction:
         layer.memory.grad = None
         layer.bank.restore(self.bank)
         layer.keys.restore(self.keys)
+        if self.subject is not None:
+            layer.subject.restore(self.subject)
         ed.edits = self.edits
         layer.threshold = self.threshold
         ed._next_id = self.next_id

@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from memoir import editing, persist
+from memoir import editing, persist, subject_router
 from memoir.background import background_statistics, default_background_texts
 from memoir.batching import build_batch
 from memoir.config import MemoirConfig
@@ -15,7 +15,8 @@ from memoir.layer import MemoirLayer
 from memoir.models import Target, locate_target
 from memoir.preserve import KeyStore
 from memoir.replay import keep_logits
-from memoir.route import Route
+from memoir.route import CallLocal, Route
+from memoir.subject_router import SubjectKeys
 from memoir.routing import PromptRouting
 from memoir.tophash import make_permutation
 from memoir.types import EditRequest, EditResult, Retrieval
@@ -73,6 +74,9 @@ class MemoirEditor(PromptRouting):
             background_std=std,
         )
         target.install(self.layer)
+        self._nested = CallLocal(active=False)  # inside the subject router's own partial pass
+        if self.config.router == "subject":
+            self._setup_subject_router(background_texts or default_background_texts())
         self._install_routing()
         self._templates: list[str] | None = None
         self.edits: dict[int, EditRequest] = {}
@@ -133,6 +137,70 @@ class MemoirEditor(PromptRouting):
         """Collect the edited layer's inputs of the passes inside the block (this thread only)."""
         return self.layer.capturing()
 
+    # ------------------------------------------------------------------ subject router
+    def _setup_subject_router(self, texts: list[str]) -> None:
+        cfg = self.config
+        if cfg.subject_layer > self.target.layer_index:
+            raise ValueError(f"subject_layer {cfg.subject_layer} must not exceed the edited layer "
+                             f"({self.target.layer_index}): its states are read before the memory")
+        self.layer.subject = SubjectKeys(self.target.out_features).to(self.device)
+        prefix_ids = self.tokenizer(subject_router.PREFIX, add_special_tokens=True)["input_ids"]
+        self._prefix_ids = prefix_ids
+        states = []
+        for i in range(0, len(texts), 16):
+            batch = build_batch(self.tokenizer, texts[i:i + 16], device=self.device)
+            s, o = self._subject_states(batch.input_ids, batch.attention_mask)
+            states.append(s[o])
+        self.layer.subject.mean = torch.cat(states).mean(0).to(self.device)
+
+    def _subject_states(self, input_ids, attention_mask):
+        """``(states [B, S', d], own [B, S'])`` of ``PREFIX + row`` at the subject layer."""
+        pad = self.tokenizer.pad_token_id
+        ids, attn, own = subject_router.with_prefix(self._prefix_ids, input_ids, attention_mask, pad)
+        with self._nested.overriding(active=True):
+            states = subject_router.token_states(self.model, self.target.layers, self.config.subject_layer, ids, attn)
+        return states, own
+
+    def _on_model_forward(self, module, args, kwargs):
+        if self._nested.get("active"):
+            return None  # the router's own partial pass: not a prompt of the caller
+        return super()._on_model_forward(module, args, kwargs)
+
+    def _on_prefill(self, args, kwargs, attention_mask) -> None:
+        subject, calls = self.layer.subject, self.layer.calls
+        if subject is None or len(self.layer.bank) == 0 or calls.get("pinned") is not None:
+            return  # nothing to verify, or a pass with a fixed route (an edit's training)
+        input_ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        if input_ids is None or input_ids.dim() != 2:
+            return  # e.g. inputs_embeds: no token ids to verify, the mask router decides alone
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        states, own = self._subject_states(input_ids, attention_mask)
+        scores = subject.scores(states, own, self.layer.bank.ids)
+        self.layer.calls.set(eligible=scores >= self.config.subject_threshold)
+
+    @torch.no_grad()
+    def _subject_keys(self, request: EditRequest) -> torch.Tensor:
+        """Keys of one edit ``[n, d]``: the subject's last token as given and lower-cased; without a
+        subject (or one not found in the prompt), the two prompt tokens that stand out most."""
+        variants = [request.prompt]
+        if request.subject and request.subject.lower() != request.subject and request.subject in request.prompt:
+            variants.append(request.prompt.replace(request.subject, request.subject.lower(), 1))
+        keys = []
+        for j, prompt in enumerate(variants):
+            subject = request.subject if j == 0 else (request.subject or "").lower()
+            ids, (pos,) = subject_router.subject_positions(self.tokenizer, subject_router.PREFIX, prompt, subject)
+            ids_t = torch.tensor([ids], device=self.device)
+            states = subject_router.token_states(self.model, self.target.layers, self.config.subject_layer, ids_t,
+                                                 torch.ones_like(ids_t))[0]
+            if pos >= 0:
+                keys.append(states[pos])
+            else:
+                mine = states[len(self._prefix_ids):]
+                stand_out = (mine - self.layer.subject.mean.to(mine.device)).norm(dim=-1)
+                keys.extend(mine[stand_out.topk(min(2, len(mine))).indices])
+        return torch.stack(keys)
+
     # ------------------------------------------------------------------ context templates
     @torch.no_grad()
     def context_templates(self) -> list[str]:
@@ -160,13 +228,14 @@ class MemoirEditor(PromptRouting):
         self.layer.enabled = True
 
     # ------------------------------------------------------------------ editing
-    def edit(self, prompt: str, target: str) -> EditResult:
+    def edit(self, prompt: str, target: str, subject: str | None = None) -> EditResult:
         """Write one fact: after this, ``prompt`` (and its rephrasings) continue with ``target``.
 
         All or nothing: if the edit fails or is interrupted, memory, bank, keys and records are
         exactly as before (:class:`memoir.editing.EditTransaction`).
         """
-        request = EditRequest.coerce({"prompt": prompt, "target": target})
+        request = EditRequest.coerce({"prompt": prompt, "target": target,
+                                      **({"subject": subject} if subject is not None else {})})
         start = time.perf_counter()
         inputs = editing.encode_edit(self, request)
         owners_before = self.layer.column_usage() if self.config.column_protection > 0 else None
@@ -177,6 +246,9 @@ class MemoirEditor(PromptRouting):
             steps, loss = editing.optimise(self, inputs, row, transforms)
             if inputs.keys is not None:
                 self.keys.add(edit_id, inputs.keys)
+            if self.layer.subject is not None:
+                with self._nested.overriding(active=True):
+                    self.layer.subject.add(edit_id, self._subject_keys(request))
             self.calibrate_threshold()
         return EditResult(edit_id, request.prompt, request.target, steps, loss, time.perf_counter() - start,
                           tuple(preserved))
@@ -194,6 +266,8 @@ class MemoirEditor(PromptRouting):
             self.layer.bank.set_owner(row, edit_id)
             self.edits.pop(old, None)
             self.keys.pop(old)
+            if self.layer.subject is not None:
+                self.layer.subject.pop(old)
         self.edits[edit_id] = request
         return edit_id, row
 
@@ -205,7 +279,7 @@ class MemoirEditor(PromptRouting):
         results = []
         bar = tqdm(requests, desc="editing", unit="edit", disable=not progress)
         for r in bar:
-            results.append(self.edit(r.prompt, r.target))
+            results.append(self.edit(r.prompt, r.target, r.subject))
             bar.set_postfix(loss=f"{results[-1].loss:.3f}", steps=results[-1].steps)
         return results
 
@@ -229,10 +303,11 @@ class MemoirEditor(PromptRouting):
         if isinstance(prompts, str):
             prompts = [prompts]
         batch = build_batch(self.tokenizer, prompts, device=self.device)
-        with self.disabled(), self._capture_input() as seen:  # routing reads only the layer input
+        with self.layer.calls.overriding(eligible=None, pinned=None), self.disabled(), self._capture_input() as seen:
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                       **keep_logits(self.model, 1))
-        return self.layer.route(seen[0], batch.prompt_mask)
+                       **keep_logits(self.model, 1))  # routing reads only the layer input
+            eligible = self.layer.calls.get("eligible")
+        return self.layer.route(seen[0], batch.prompt_mask, eligible)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 32, **kwargs) -> list[str]:

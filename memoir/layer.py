@@ -56,7 +56,9 @@ class MemoirLayer(Float32Buffers):
         # to route from (``prefill`` + ``span``), the route it decided, a route pinned for every
         # pass of a call (an edit's own mask, or one an inference stack passes), a callable that
         # reads the layer input, and a per-call off switch.
-        self.calls = CallLocal(prefill=False, span=None, route=None, pinned=None, capture=None, disabled=False)
+        self.calls = CallLocal(prefill=False, span=None, route=None, pinned=None, capture=None, disabled=False,
+                               eligible=None)
+        self.subject = None  # SubjectKeys under router "subject" (set by the editor)
         self.transposed = type(base).__name__ == "Conv1D"  # GPT-2 stores the weight as [in, out]
 
     def extra_repr(self) -> str:
@@ -105,9 +107,14 @@ class MemoirLayer(Float32Buffers):
         """The route the latest prompt pass of this thread / task decided."""
         return self.calls.get("route")
 
-    def route(self, acts: torch.Tensor, span: torch.Tensor | None = None) -> Route:
+    def route(self, acts: torch.Tensor, span: torch.Tensor | None = None,
+              eligible: torch.Tensor | None = None) -> Route:
         """The route of each sequence from its prompt: layer inputs ``[B, S, D]`` (or OPT-style
-        ``[B*S, D]``) and the prompt positions ``[B, S]`` (``None``: every position)."""
+        ``[B*S, D]``) and the prompt positions ``[B, S]`` (``None``: every position).
+
+        ``eligible`` (``[B, N]`` bool, the subject router's verdict): only those bank rows may be
+        chosen, the one with the largest mask overlap, with no threshold on it.
+        """
         if acts.dim() == 2:  # OPT-style flattened tokens [B*S, D]: recover the sequences
             acts = acts.reshape(1 if span is None else span.shape[0], -1, acts.shape[-1])
         b, s = acts.shape[0], acts.shape[1]
@@ -121,6 +128,12 @@ class MemoirLayer(Float32Buffers):
             _, packed = tophash_select(self.features(acts, span.to(acts.device)), self.top_k, self.permutation)
         else:
             _, _, packed = self.query_masks(acts, span.to(acts.device))
+        if eligible is not None and eligible.shape == (b, len(self.bank)):
+            ratio = ops.overlap_counts(packed, self.bank.words).float() / ops.popcounts(packed).clamp_min(1)[:, None]
+            ratio = ratio.masked_fill(~eligible.to(ratio.device), -1.0)
+            scores, rows = ratio.max(dim=1)
+            rows = torch.where(scores >= 0, rows, torch.full_like(rows, -1))
+            return Route(rows, scores.clamp_min(0))
         scores, rows = self.bank.best_match(packed, self.threshold)
         return Route(rows, scores)
 
@@ -143,8 +156,8 @@ class MemoirLayer(Float32Buffers):
         route = call.get("pinned")
         if route is None:
             if call.get("prefill"):
-                route = self.route(a, call.get("span"))
-                call.set(prefill=False, span=None, route=route)
+                route = self.route(a, call.get("span"), call.get("eligible"))
+                call.set(prefill=False, span=None, route=route, eligible=None)
             else:
                 route = call.get("route")
         if route is None:

@@ -51,6 +51,10 @@ def save_editor(editor, path) -> None:
             "background_std": layer.background_std.cpu(),
             **editor.keys.state(),
         }
+        if layer.subject is not None:
+            state.update(subject_keys=layer.subject.keys.contiguous().cpu(),
+                         subject_key_ids=layer.subject.edit_ids.contiguous().cpu(),
+                         subject_mean=layer.subject.mean.contiguous().cpu())
         if editor.config.threshold == "auto":
             state["background_masks"] = editor.background_masks().contiguous().cpu()
         save_file(state, str(tmp / STATE_FILE))
@@ -101,6 +105,13 @@ def load_editor(cls, model, tokenizer, path):
         layer.bank.load(state["bank_words"], state["bank_edit_ids"].tolist())
         editor.edits = {e["edit_id"]: EditRequest(e["prompt"], e["target"]) for e in meta["edits"]}
         editor.keys.load(state, layer.memory.device)
+        if layer.subject is not None:
+            if "subject_keys" not in state:
+                raise ValueError(f"{state_path} has no subject keys but its config uses router 'subject'")
+            device = layer.memory.device
+            layer.subject.keys = state["subject_keys"].to(device)
+            layer.subject.edit_ids = state["subject_key_ids"].to(device)
+            layer.subject.mean = state["subject_mean"].to(device)
         if "background_masks" in state:
             editor._background_masks = state["background_masks"].to(layer.memory.device)
         editor.calibrate_threshold()

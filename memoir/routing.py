@@ -45,10 +45,14 @@ class PromptRouting:
         if span is None and attention_mask is not None:
             span = attention_mask.bool()
         self.layer.begin_prefill(span)
+        self._on_prefill(args, kwargs, attention_mask)
         if attention_mask is not None and self._takes_positions and kwargs.get("position_ids") is None \
                 and len(args) <= 2:
             return args, dict(kwargs, position_ids=(attention_mask.long().cumsum(-1) - 1).clamp_min(0))
         return None
+
+    def _on_prefill(self, args, kwargs, attention_mask) -> None:
+        """Called on every prompt pass, after the layer was told to route (hosts may add evidence)."""
 
     @contextlib.contextmanager
     def prompt_span(self, span: torch.Tensor):

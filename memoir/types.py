@@ -8,6 +8,7 @@ from dataclasses import dataclass
 class EditRequest:
     prompt: str
     target: str
+    subject: str | None = None  # the entity the fact is about (used by the subject router)
 
     @classmethod
     def coerce(cls, item) -> "EditRequest":
@@ -17,9 +18,12 @@ class EditRequest:
             missing = [k for k in ("prompt", "target") if not isinstance(item.get(k), str) or not item.get(k).strip()]
             if missing:
                 raise ValueError(f"edit request {item!r} lacks a non-empty {' and '.join(missing)}")
-            return cls(item["prompt"], item["target"])
-        if isinstance(item, (tuple, list)) and len(item) == 2:
-            return cls(str(item[0]), str(item[1]))
+            subject = item.get("subject")
+            if subject is not None and (not isinstance(subject, str) or not subject.strip()):
+                raise ValueError(f"edit request {item!r}: subject must be a non-empty string when given")
+            return cls(item["prompt"], item["target"], subject)
+        if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+            return cls(*(str(v) for v in item))
         raise TypeError(f"cannot read an edit request from {type(item).__name__}: {item!r}")
 
 

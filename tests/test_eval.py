@@ -534,10 +534,10 @@ def _crash_edits_at(monkeypatch, cls, position):
     """Make ``cls.edit`` raise at edit ``position`` (a killed run); returns the real method to put back."""
     real_edit = cls.edit
 
-    def crashing_edit(self, prompt, target, pos):
+    def crashing_edit(self, prompt, target, pos, subject=None):
         if pos == position:
             raise _Crash("killed")
-        return real_edit(self, prompt, target, pos)
+        return real_edit(self, prompt, target, pos, subject=subject)
 
     monkeypatch.setattr(cls, "edit", crashing_edit)
     return real_edit

@@ -73,8 +73,8 @@ class _Base:
 class MemoirMethod(_Base):
     name = "memoir"
 
-    def edit(self, prompt, target, position: int) -> dict:
-        r = self.editor.edit(prompt, target)
+    def edit(self, prompt, target, position: int, subject: str | None = None) -> dict:
+        r = self.editor.edit(prompt, target, subject)
         self.edit_index[r.edit_id] = position
         return {"steps": r.steps, "loss": r.loss, "seconds": r.seconds, "edit_id": r.edit_id}
 
@@ -119,7 +119,7 @@ class MemoirMethod(_Base):
 class FTMethod(_Base):
     name = "ft"
 
-    def edit(self, prompt, target, position: int) -> dict:
+    def edit(self, prompt, target, position: int, subject: str | None = None) -> dict:
         r = self.editor.edit(prompt, target)
         return {"steps": r.steps, "loss": r.loss, "seconds": r.seconds}
 
@@ -139,7 +139,7 @@ class FTMethod(_Base):
 class GraceMethod(_Base):
     name = "grace"
 
-    def edit(self, prompt, target, position: int) -> dict:
+    def edit(self, prompt, target, position: int, subject: str | None = None) -> dict:
         r = self.editor.edit(prompt, target)
         self.edit_index[r.edit_id] = position
         return {"steps": r.steps, "loss": r.loss, "seconds": r.seconds, "slot": r.slot, "codebook": r.action}

@@ -256,7 +256,7 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
     bar = tqdm(total=n, initial=len(edit_rows), desc=f"editing ({method.name})", unit="edit", disable=not progress)
     for i in range(len(edit_rows), n):
         rec = records[i]
-        info = method.edit(rec.prompt, rec.target, i)
+        info = method.edit(rec.prompt, rec.target, i, subject=rec.extra.get("subject"))
         edit_rows.append(info)
         bar.update(1)
         bar.set_postfix(loss=f"{info['loss']:.3f}", steps=info["steps"])

@@ -1,0 +1,77 @@
+"""router: subject: an edit is eligible only for queries whose hidden states carry its subject."""
+import pytest
+import torch
+
+from memoir import MemoirConfig, MemoirEditor
+from memoir.types import EditRequest
+from tiny import tiny_model
+
+BACKGROUND = ["the city of paris is in france", "who wrote the book ?", "the river nile is long",
+              "what is the capital of japan ?", "i live in london", "yes the answer is no"]
+EDIT = ("the capital of japan is", "rome", "japan")
+NEIGHBOUR = "the capital of spain is"  # same wording, another subject
+
+
+def editor_with(router, **overrides):
+    model, tok = tiny_model("llama")
+    cfg = MemoirConfig(**{"n_iter": 30, "num_context_templates": 0, "threshold": 0.3, "router": router,
+                          "subject_layer": 2, "subject_threshold": 0.9, **overrides})
+    return MemoirEditor(model, tok, cfg, background_texts=BACKGROUND)
+
+
+def test_subject_router_rejects_a_same_wording_neighbour_the_mask_router_accepts():
+    mask, subject = editor_with("mask"), editor_with("subject")
+    for ed in (mask, subject):
+        ed.edit(*EDIT)
+    assert mask.retrieve([NEIGHBOUR])[0].edit_id == 0, "the mask router must confuse them for the test to mean anything"
+    got = [r.edit_id for r in subject.retrieve([EDIT[0], "what is the capital of japan ?", NEIGHBOUR])]
+    assert got == [0, 0, None]
+    # generate() routes the same way: the neighbour keeps the unedited continuation.
+    with subject.disabled():
+        plain = subject.generate([NEIGHBOUR], max_new_tokens=3)
+    assert subject.generate([NEIGHBOUR], max_new_tokens=3) == plain
+    assert subject.generate([EDIT[0]], max_new_tokens=1)[0].strip() == "rome"
+
+
+def test_edit_without_subject_still_routes_its_prompt():
+    ed = editor_with("subject")
+    ed.edit_many([EditRequest("the eiffel tower is located in the city of", "rome")], progress=False)
+    assert ed.retrieve(["the eiffel tower is located in the city of"])[0].edit_id == 0
+    assert ed.layer.subject.keys.shape[0] == 2  # the two prompt tokens that stand out most
+
+
+def test_two_edits_on_one_subject_are_told_apart_by_the_mask():
+    ed = editor_with("subject")
+    ed.edit("the capital of japan is", "rome", "japan")
+    ed.edit("japan is located in", "spain", "japan")
+    got = [r.edit_id for r in ed.retrieve(["the capital of japan is", "japan is located in"])]
+    assert got == [0, 1]
+
+
+def test_subject_keys_are_saved_restored_and_rolled_back(tmp_path, monkeypatch):
+    from memoir import editing
+
+    ed = editor_with("subject")
+    ed.edit(*EDIT)
+    ed.save(tmp_path / "e")
+    ed.detach()
+    model, tok = tiny_model("llama")
+    again = MemoirEditor.load(model, tok, tmp_path / "e")
+    assert torch.equal(again.layer.subject.keys, ed.layer.subject.keys)
+    assert [r.edit_id for r in again.retrieve([EDIT[0], NEIGHBOUR])] == [0, None]
+    keys = again.layer.subject.keys.clone()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(editing, "optimise", boom)
+    with pytest.raises(KeyboardInterrupt):
+        again.edit("who wrote the book ?", "paris", "book")
+    assert torch.equal(again.layer.subject.keys, keys)
+
+
+def test_subject_router_config_is_validated():
+    with pytest.raises(ValueError, match="router"):
+        MemoirConfig(router="nearest")
+    with pytest.raises(ValueError, match="subject_layer"):
+        editor_with("subject", subject_layer=3, layer=2)
