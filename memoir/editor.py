@@ -106,7 +106,7 @@ class MemoirEditor(PromptRouting):
         if self._background_masks is None:
             packed = []
             texts = self._background_texts
-            with self.disabled(), self._capture_input() as seen:
+            with self.disabled(), self.layer.capturing() as seen:
                 for i in range(0, len(texts), batch_size):
                     batch = build_batch(self.tokenizer, texts[i : i + batch_size], device=self.device)
                     seen.clear()
@@ -132,10 +132,6 @@ class MemoirEditor(PromptRouting):
             scores, _ = self.layer.bank.best_match(self.background_masks().to(self.device), 0.0)
             self.layer.threshold = min(1.0, float(scores.max()) + self.config.threshold_margin)
         return self.layer.threshold
-
-    def _capture_input(self):
-        """Collect the edited layer's inputs of the passes inside the block (this thread only)."""
-        return self.layer.capturing()
 
     # ------------------------------------------------------------------ subject router
     def _setup_subject_router(self, texts: list[str]) -> None:
@@ -303,7 +299,7 @@ class MemoirEditor(PromptRouting):
         if isinstance(prompts, str):
             prompts = [prompts]
         batch = build_batch(self.tokenizer, prompts, device=self.device)
-        with self.layer.calls.overriding(eligible=None, pinned=None), self.disabled(), self._capture_input() as seen:
+        with self.layer.calls.overriding(eligible=None, pinned=None), self.disabled(), self.layer.capturing() as seen:
             self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                        **keep_logits(self.model, 1))  # routing reads only the layer input
             eligible = self.layer.calls.get("eligible")

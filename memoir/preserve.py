@@ -53,9 +53,6 @@ class KeyStore(GrowingBuffers):
     def ids(self) -> list[int]:
         return [int(name[5:]) for name in self._buffers if name.startswith("cols_")]
 
-    def _accepts_buffer(self, name: str) -> bool:
-        return True
-
     def _optional_buffer(self, name: str) -> bool:
         return name.startswith(("cols_", "values_"))
 

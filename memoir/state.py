@@ -31,27 +31,17 @@ class GrowingBuffers(Float32Buffers):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        device = self._state_device()
+        device = next((b.device for b in self._buffers.values() if b is not None), None)
         for key, value in state_dict.items():
-            if key.startswith(prefix) and "." not in key[len(prefix):]:
-                name = key[len(prefix):]
-                if self._accepts_buffer(name):
-                    value = value.detach().clone()
-                    self._buffers[name] = value if device is None else value.to(device)
+            name = key[len(prefix):]
+            if key.startswith(prefix) and "." not in name:
+                value = value.detach().clone()
+                self._buffers[name] = value if device is None else value.to(device)
         for name in list(self._buffers):
-            if prefix + name not in state_dict and self._accepts_buffer(name) and self._optional_buffer(name):
+            if prefix + name not in state_dict and self._optional_buffer(name):
                 del self._buffers[name]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-    def _state_device(self):
-        for b in self._buffers.values():
-            if b is not None:
-                return b.device
-        return None
-
-    def _accepts_buffer(self, name: str) -> bool:
-        return True
 
     def _optional_buffer(self, name: str) -> bool:
         """A buffer that may be absent from a state dict (e.g. one edit's keys)."""

@@ -186,14 +186,11 @@ def generation_em(scorer, prompts: list[str], targets: list[str], batch_size: in
     """
     tok = scorer.tokenizer
     budgets = [len(target_ids(tok, t)) + extra_tokens for t in targets]
-    out: list = [None] * len(prompts)
-    for start in range(0, len(prompts), batch_size):
-        idx = list(range(start, min(len(prompts), start + batch_size)))
-        ids = scorer.generate_ids([prompts[i] for i in idx], max(budgets[i] for i in idx))
-        for j, i in enumerate(idx):
-            row = ids[j][: budgets[i]]
-            text = tok.decode(row, skip_special_tokens=True)
-            out[i] = (exact_match(text, targets[i]), text)
+    ids = continuations(scorer, prompts, max(budgets, default=0), batch_size)
+    out = []
+    for row, budget, target in zip(ids, budgets, targets):
+        text = tok.decode(row[:budget], skip_special_tokens=True)
+        out.append((exact_match(text, target), text))
     return out
 
 
