@@ -72,7 +72,7 @@ class MemoirConfig(DictFields):
     num_context_templates: int = 10
     seed: int = 0
     full_forward: bool = False
-    # --- departures from the reference (documented in README "Method options") ---
+    # --- departures from the reference (documented in docs/results.md "Method options") ---
     feature_scaling: str = "none"  # "std": divide the de-centred feature by the background std
     decay_scope: str = "all"  # "all" = SGD weight decay on the whole memory (reference)
     # > 0: a column already owned by u earlier edits gets its gradient scaled by 1 / (1 + p*u),

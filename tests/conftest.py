@@ -4,7 +4,6 @@ Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set befo
 module that defines kernels is imported: without CUDA, kernels run in the interpreter.
 """
 import os
-import pathlib
 
 import pytest
 
@@ -18,7 +17,6 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,10 +33,3 @@ def _kernel_mode_follows_env():
     from memoir import backends
 
     backends.kernel_mode.cache_clear()
-
-
-@pytest.fixture(scope="session")
-def shared_data():
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is absent")
-    return SHARED_DATA

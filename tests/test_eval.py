@@ -314,25 +314,6 @@ def test_loader_file_errors(tmp_path):
         load_records(_write(tmp_path, "z.json", [ZSRE]), "squad")
 
 
-@pytest.mark.parametrize("rel,fmt,n,skipped", [
-    ("zsre/zsre_mend_eval_portability_gpt4.public.json", "zsre", 732, 0),
-    ("zsre/ZsRE-test-all.public.json", "knowedit", 1004, 0),
-    ("wise/hallucination/hallucination-edit.json", "hallucination", 600, 7),
-    ("wise/temporal/temporal-edit.json", "temporal", 75, 0),
-    ("counterfact/counterfact_portability_gpt4.public.json", "counterfact_rome", 731, 0),
-    ("counterfact/counterfact-edit.public.json", "counterfact_flat", 8000, 0),
-])
-def test_real_files(shared_data, rel, fmt, n, skipped):
-    path = shared_data / rel
-    if not path.exists():
-        pytest.skip(f"{rel} absent")
-    recs, got = load_records(path)
-    assert got == fmt and len(recs) == n
-    assert sum(r.loc_prompt is None for r in recs) == skipped
-    assert all(r.prompt.strip() and r.target.strip() for r in recs)
-    assert all((r.rephrase is None) == (fmt == "hallucination") for r in recs)
-
-
 # ----------------------------------------------------------------------------- baselines
 def test_grace_routes_exact_prompt_and_splits_conflicts(tiny):
     from memoir.baselines import GraceConfig, GraceEditor

