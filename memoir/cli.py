@@ -71,7 +71,7 @@ def cmd_demo(args) -> int:
         r = editor.edit(p, target)
         print(f"  [{r.edit_id}] {p!r} -> {target!r}: {r.steps} steps, loss {r.loss:.3f}, {r.seconds:.1f}s", flush=True)
     t_edit = time.perf_counter() - t0
-    if cfg.threshold == "auto":
+    if cfg.threshold_mode == "auto":
         print(f"  tau calibrated on the background texts: {editor.threshold:.3f}")
 
     t0 = time.perf_counter()
@@ -146,6 +146,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from memoir.config import MemoirConfig, markdown_table, rewrite_table
+
+    if args.readme:
+        rewrite_table(args.readme)
+        print(f"rewrote the configuration table in {args.readme}")
+    elif args.preset:
+        print(MemoirConfig.preset(args.preset).to_yaml(), end="")
+    else:
+        print(markdown_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memoir", description="MEMOIR lifelong knowledge editing")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -168,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save", help="directory to save the edits to (reload with MemoirEditor.load)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_edit)
+
+    c = sub.add_parser("config", help="every MemoirConfig field (default, allowed values, meaning) or a preset")
+    c.add_argument("--preset", help="print this shipped preset's fields as YAML")
+    c.add_argument("--readme", help="rewrite the generated table in this Markdown file")
+    c.set_defaults(func=cmd_config)
 
     i = sub.add_parser("info", help="show which kernels serve retrieval and the memory")
     i.set_defaults(func=cmd_info)

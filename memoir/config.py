@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from dataclasses import dataclass, field
 
@@ -41,12 +42,106 @@ class DictFields:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict):
+    def from_dict(cls, data: dict, source: str | None = None):
+        """Fields from a mapping (e.g. a YAML file named ``source``): unknown keys are refused, values
+        checked against each field's type and range, with the file, field and value in the error."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
+        where = f"{source}: " if source else ""
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-        return cls(**data)
+            raise ValueError(f"{where}unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{where}{err}") from None
+
+
+def option(default=dataclasses.MISSING, *, help: str, kind: type, choices: tuple = (), low=None, high=None,
+           low_open: bool = False, high_open: bool = False, optional: bool = False, factory=None):
+    """A config field with its type, range and help text in the field metadata (as peft's configs do).
+
+    ``kind`` is the value type (``int``, ``float``, ``bool``, ``str``, ``dict``); ``low`` / ``high``
+    bound numbers (``*_open``: the bound itself is excluded); ``optional``: ``None`` is allowed.
+    """
+    meta = {"help": help, "kind": kind, "choices": tuple(choices), "low": low, "high": high,
+            "low_open": low_open, "high_open": high_open, "optional": optional}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def check_value(cls_name: str, f: dataclasses.Field, value):
+    """``value`` of field ``f`` checked (and a numeric string read as a number): ``ValueError`` otherwise."""
+    m = f.metadata
+
+    def bad(why):
+        raise ValueError(f"{cls_name}.{f.name}={value!r}: {why}")
+
+    if value is None:
+        if m["optional"]:
+            return None
+        bad("must be set (None is not allowed)")
+    kind = m["kind"]
+    if kind is bool:
+        if not isinstance(value, bool):
+            bad("must be true or false" + (" (a string is not a boolean)" if isinstance(value, str) else ""))
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            bad("must be an integer")
+    elif kind is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                bad("must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad("must be a number")
+        value = float(value)
+        if not math.isfinite(value):
+            bad("must be finite")
+    elif kind is str:
+        if not isinstance(value, str):
+            bad("must be a string")
+    elif kind is dict:
+        if not isinstance(value, dict):
+            bad("must be a mapping")
+    if m["choices"] and value not in m["choices"]:
+        bad(f"must be one of {m['choices']}")
+    low, high = m["low"], m["high"]
+    if low is not None and (value < low or (m["low_open"] and value == low)):
+        bad(f"must be {'>' if m['low_open'] else '>='} {low}")
+    if high is not None and (value > high or (m["high_open"] and value == high)):
+        bad(f"must be {'<' if m['high_open'] else '<='} {high}")
+    return value
+
+
+def check_fields(obj) -> None:
+    """Check (and normalise) every field of a dataclass built with :func:`option`."""
+    for f in dataclasses.fields(obj):
+        if "kind" in f.metadata:
+            setattr(obj, f.name, check_value(type(obj).__name__, f, getattr(obj, f.name)))
+
+
+def range_text(f: dataclasses.Field) -> str:
+    """The allowed values of a field, for help texts and the README table."""
+    m = f.metadata
+    if m["choices"]:
+        text = " / ".join(f"`{c}`" for c in m["choices"])
+    elif m["kind"] is bool:
+        text = "`true` / `false`"
+    elif m["low"] is not None or m["high"] is not None:
+        lo = "" if m["low"] is None else f"{'(' if m['low_open'] else '['}{m['low']}"
+        hi = "" if m["high"] is None else f"{m['high']}{')' if m['high_open'] else ']'}"
+        if lo and hi:
+            text = f"{lo}, {hi}"
+        elif lo:
+            text = f"{'>' if m['low_open'] else '>='} {m['low']}"
+        else:
+            text = f"{'<' if m['high_open'] else '<='} {m['high']}"
+        text = f"{m['kind'].__name__} {text}"
+    else:
+        text = m["kind"].__name__
+    return text + (", or none" if m["optional"] else "")
 
 
 @dataclass
@@ -55,112 +150,71 @@ class MemoirConfig(DictFields):
 
     Defaults follow the reference code (hparams/MEMOIR/llama3-8b.yaml); ``None`` means
     "derive from the model": ``layer`` from depth, ``top_k`` from the paper's k/D ratio.
-    Departures from the reference are separate options whose defaults keep the reference.
+    Departures from the reference are separate options whose defaults keep the reference
+    (docs/results.md "Method options" has what each one measured).  Each field's type, range and
+    help live in its metadata: :func:`markdown_table` and the CLI help are generated from them.
     """
 
-    layer: int | None = None
-    top_k: int | None = None
-    threshold: float | str = 0.4  # or "auto": calibrated against background texts (see editor)
-    aggregation: str = "mean_decentered"
-    n_iter: int = 30
-    lr: float = 1.0
-    weight_decay: float = 1e-5
-    grad_clip: float = 1.0
-    early_stop: bool = True
-    early_stop_loss: float = 0.02
-    early_stop_delta: float = 1e-4
-    num_context_templates: int = 10
-    seed: int = 0
-    full_forward: bool = False
-    # --- departures from the reference (documented in docs/results.md "Method options") ---
-    feature_scaling: str = "none"  # "std": divide the de-centred feature by the background std
-    decay_scope: str = "all"  # "all" = SGD weight decay on the whole memory (reference)
-    # > 0: a column already owned by u earlier edits gets its gradient scaled by 1 / (1 + p*u),
-    # so a new edit prefers its fresh columns and overwrites less of the old ones.
-    column_protection: float = 0.0
-    # "absolute": the scale above (old edits win more and more: at N = 732 with k/D = 0.15 every
-    # column has ~110 owners and new edits no longer converge); "relative": divided by its mean over
-    # the edit's own columns, so only the preference for less-used columns remains, not the shrinking step.
-    column_protection_mode: str = "absolute"
-    # > 0: each edit's gradient is projected so that the keys of the m earlier edits it would
-    # move most keep their memory output exactly (memoir/preserve.py); 0 = off (reference).
-    preserve_neighbours: int = 0
-    # Only earlier edits whose stored mask shares at least this fraction of the new mask's k columns
-    # are candidates (0 = any shared column).  Conflicting edits (same subject) share 50-80 %,
-    # unrelated ones ~22 % on SmolLM2: gating keeps the projection for real conflicts only.
-    preserve_min_overlap: float = 0.0
-    # At most this fraction of the k columns' dimensions may be protected (1.0 = no cap): the most
-    # aligned conflicting edits are kept while their keys span <= max_rank * k directions.
-    preserve_max_rank: float = 1.0
-    # > 0: also protect the principal directions of *all* earlier edits' keys inside the new edit's
-    # columns (each edit weighted by the share of its key there), until this fraction of their energy
-    # or the rank budget left by the exact neighbours is used (memoir/preserve.py); 0 = off.
-    preserve_energy: float = 0.0
-    # ... but only once the bank holds at least this many earlier edits: while the bank is small the
-    # gated neighbours already cover the conflicts and the extra projection only costs generalisation.
-    preserve_energy_after: int = 0
-    # threshold "auto": tau = the best overlap any background text reaches against the bank, plus this.
-    threshold_margin: float = 0.02
-    # Router.  "mask" (reference): the stored edit with the largest mask overlap, if >= threshold.
-    # "subject": only edits whose subject the query mentions are eligible (hidden-state subject keys
-    # at layer subject_layer, cosine >= subject_threshold; memoir/subject_router.py); among them the
-    # largest mask overlap wins, whatever its value.
-    router: str = "mask"
-    subject_layer: int = 4
-    subject_threshold: float = 0.95
-    extra: dict = field(default_factory=dict)  # free-form notes carried with a preset
+    layer: int | None = option(None, kind=int, low=0, optional=True,
+                               help="decoder layer whose FFN output projection gets the memory (none: 27/32 of the depth)")
+    top_k: int | None = option(None, kind=int, low=1, optional=True,
+                               help="columns per edit, k of the layer's D inputs (none: the paper's k/D = 4096/14336)")
+    threshold: float = option(0.4, kind=float, low=0.0, high=1.0,
+                              help="tau: a stored edit is switched on when its mask overlap with the query reaches it")
+    threshold_mode: str = option("fixed", kind=str, choices=("fixed", "auto"),
+                                 help="`auto`: after each edit, tau = best overlap of background texts with the "
+                                      "bank + threshold_margin")
+    threshold_margin: float = option(0.02, kind=float, low=0.0, high=1.0,
+                                     help="margin above the background texts' best overlap (threshold_mode auto)")
+    aggregation: str = option("mean_decentered", kind=str, choices=AGGREGATIONS,
+                              help="how prompt-token activations are pooled before top-k")
+    n_iter: int = option(30, kind=int, low=0, help="optimisation steps per edit (at most)")
+    lr: float = option(1.0, kind=float, low=0.0, low_open=True, help="SGD learning rate of the memory columns")
+    weight_decay: float = option(1e-5, kind=float, low=0.0, help="SGD weight decay (see decay_scope)")
+    grad_clip: float = option(1.0, kind=float, low=0.0, low_open=True, help="gradient norm clip per step")
+    early_stop: bool = option(True, kind=bool, help="stop an edit once the loss is small and flat")
+    early_stop_loss: float = option(0.02, kind=float, low=0.0, help="early stop: loss at most this")
+    early_stop_delta: float = option(1e-4, kind=float, low=0.0, help="early stop: loss change at most this")
+    num_context_templates: int = option(10, kind=int, low=0, high=10,
+                                        help="random-prefix copies of the edit prompt trained beside it")
+    seed: int = option(0, kind=int, help="seed of the TopHash permutation and the context templates")
+    feature_scaling: str = option("none", kind=str, choices=FEATURE_SCALINGS,
+                                  help="`std`: divide the de-centred feature by the background std before top-k")
+    decay_scope: str = option("all", kind=str, choices=DECAY_SCOPES,
+                              help="weight decay on the whole memory (`all`), the edit's own columns (`active`) or none")
+    column_protection: float = option(0.0, kind=float, low=0.0,
+                                      help="p > 0: a column owned by u earlier edits gets its gradient scaled by "
+                                           "1 / (1 + p u)")
+    column_protection_mode: str = option("absolute", kind=str, choices=PROTECTION_MODES,
+                                         help="`relative`: that scale divided by its mean over the edit's columns "
+                                              "(a preference, not a smaller step)")
+    preserve_neighbours: int = option(0, kind=int, low=0,
+                                      help="project each edit's gradient off the keys of up to m conflicting "
+                                           "earlier edits (their outputs stay exactly)")
+    preserve_min_overlap: float = option(0.0, kind=float, low=0.0, high=1.0,
+                                         help="an earlier edit conflicts when its mask shares this fraction of "
+                                              "the new mask's columns")
+    preserve_max_rank: float = option(1.0, kind=float, low=0.0, high=1.0, low_open=True,
+                                      help="the protected keys span at most this fraction of the k columns")
+    preserve_energy: float = option(0.0, kind=float, low=0.0, high=1.0, high_open=True,
+                                    help="also protect the principal directions holding this share of all "
+                                         "earlier edits' key energy inside the new mask")
+    preserve_energy_after: int = option(0, kind=int, low=0,
+                                        help="start the energy projection once the bank holds this many edits")
+    router: str = option("mask", kind=str, choices=ROUTERS,
+                         help="`mask`: the best mask overlap >= tau wins; `subject`: only edits whose subject "
+                              "the query mentions are eligible, then the best overlap >= tau")
+    subject_layer: int = option(4, kind=int, low=1, help="router subject: hidden states after this many layers")
+    subject_threshold: float = option(0.95, kind=float, low=-1.0, high=1.0,
+                                      help="router subject: cosine a query token needs with an edit's subject key")
+    tuned_for: dict = option(kind=dict, factory=dict,
+                             help="the model a preset was tuned for (`memoir.models.model_signature`); "
+                                  "another model warns")
 
     def __post_init__(self):
-        def bad(name, value, why):
-            raise ValueError(f"MemoirConfig.{name}={value!r}: {why}")
-
-        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
-            bad("layer", self.layer, "must be a non-negative layer index or None")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            bad("top_k", self.top_k, "must be a positive integer or None")
-        if self.threshold != "auto":
-            try:
-                tau = float(self.threshold)
-            except (TypeError, ValueError):
-                tau = float("nan")
-            if not 0.0 <= tau <= 1.0:
-                bad("threshold", self.threshold, "tau must lie in [0, 1] or be 'auto'")
-            self.threshold = tau
-        if self.router not in ROUTERS:
-            bad("router", self.router, f"must be one of {ROUTERS}")
-        if not isinstance(self.subject_layer, int) or self.subject_layer < 1:
-            bad("subject_layer", self.subject_layer, "must be a positive layer count")
-        if not -1.0 <= float(self.subject_threshold) <= 1.0:
-            bad("subject_threshold", self.subject_threshold, "a cosine threshold must lie in [-1, 1]")
-        if not 0.0 < float(self.preserve_max_rank) <= 1.0:
-            bad("preserve_max_rank", self.preserve_max_rank, "must lie in (0, 1]")
-        if not 0.0 <= float(self.preserve_energy) < 1.0:
-            bad("preserve_energy", self.preserve_energy, "must lie in [0, 1)")
-        if not isinstance(self.preserve_energy_after, int) or self.preserve_energy_after < 0:
-            bad("preserve_energy_after", self.preserve_energy_after, "must be a non-negative integer")
-        if not 0.0 <= float(self.preserve_min_overlap) <= 1.0:
-            bad("preserve_min_overlap", self.preserve_min_overlap, "must lie in [0, 1]")
-        if not 0.0 <= float(self.threshold_margin) <= 1.0:
-            bad("threshold_margin", self.threshold_margin, "must lie in [0, 1]")
-        if self.aggregation not in AGGREGATIONS:
-            bad("aggregation", self.aggregation, f"must be one of {AGGREGATIONS}")
-        if not isinstance(self.n_iter, int) or self.n_iter < 0:
-            bad("n_iter", self.n_iter, "must be a non-negative integer")
-        for name in ("lr", "weight_decay", "grad_clip", "early_stop_loss", "early_stop_delta", "column_protection"):
-            if float(getattr(self, name)) < 0:
-                bad(name, getattr(self, name), "must be >= 0")
-        if self.lr == 0:
-            bad("lr", self.lr, "must be > 0")
-        if not isinstance(self.num_context_templates, int) or not 0 <= self.num_context_templates <= 10:
-            bad("num_context_templates", self.num_context_templates, "must be an integer in [0, 10]")
-        if not isinstance(self.preserve_neighbours, int) or self.preserve_neighbours < 0:
-            bad("preserve_neighbours", self.preserve_neighbours, "must be a non-negative integer")
-        if self.feature_scaling not in FEATURE_SCALINGS:
-            bad("feature_scaling", self.feature_scaling, f"must be one of {FEATURE_SCALINGS}")
-        if self.column_protection_mode not in PROTECTION_MODES:
-            bad("column_protection_mode", self.column_protection_mode, f"must be one of {PROTECTION_MODES}")
-        if self.decay_scope not in DECAY_SCOPES:
-            bad("decay_scope", self.decay_scope, f"must be one of {DECAY_SCOPES}")
+        if self.threshold == "auto":
+            raise ValueError("MemoirConfig.threshold='auto': threshold is a number; calibration is threshold_mode: auto")
+        check_fields(self)
 
     # ------------------------------------------------------------------ derived values
     def resolve(self, num_layers: int, input_dim: int) -> "MemoirConfig":
@@ -187,18 +241,64 @@ class MemoirConfig(DictFields):
 
     @classmethod
     def load(cls, path) -> "MemoirConfig":
-        return cls.from_dict(read_mapping(path))
+        """A config file: its fields, or ``base: <preset>`` plus the fields it changes."""
+        return cls.from_mapping(read_mapping(path), source=str(path))
+
+    @classmethod
+    def from_mapping(cls, data: dict, source: str | None = None) -> "MemoirConfig":
+        """:meth:`from_dict`, where ``base: <preset>`` stands for that preset's fields."""
+        data = dict(data)
+        base = data.pop("base", None)
+        if base is not None:
+            if not isinstance(base, str):
+                raise ValueError(f"{source or 'config'}: 'base' must name a preset, got {base!r}")
+            data = {**cls.preset(base).to_dict(), **data}
+        return cls.from_dict(data, source=source)
 
     @classmethod
     def preset(cls, name: str) -> "MemoirConfig":
-        """A shipped preset, e.g. ``"smollm2"`` (tuned) or ``"reference"`` (the paper's defaults)."""
+        """A shipped preset by name: ``"smollm2"`` (tuned for SmolLM2-135M) or ``"reference"`` (the paper's)."""
+        available = preset_names()
+        if name not in available:
+            raise ValueError(f"no preset {name!r}; available: {', '.join(available)} (a config file is read with "
+                             f"MemoirConfig.load)")
         if name == "reference":
             return cls()
-        path = PRESET_DIR / f"{name}.yaml"
-        if not path.exists():
-            available = sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) + ["reference"]
-            raise ValueError(f"no preset {name!r}; available: {', '.join(available)}")
-        return cls.load(path)
+        return cls.from_dict(read_mapping(PRESET_DIR / f"{name}.yaml"), source=f"preset {name}")
+
+    def fits(self, signature: dict) -> bool:
+        """Whether this config was tuned for a model with this signature (or for no model in particular)."""
+        return all(signature.get(k) == v for k, v in self.tuned_for.items())
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) + ["reference"]
+
+
+def preset_for(signature: dict) -> str | None:
+    """The shipped preset tuned for a model with this signature, if any."""
+    for name in preset_names():
+        cfg = MemoirConfig.preset(name)
+        if cfg.tuned_for and cfg.fits(signature):
+            return name
+    return None
+
+
+def markdown_table(cls=None) -> str:
+    """The configuration reference (field, default, allowed values, meaning), from the field metadata."""
+    cls = cls or MemoirConfig
+    rows = ["| field | default | values | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = "none" if default is None else ("`{}`" if default == {} else f"`{default}`")
+        rows.append(f"| `{f.name}` | {shown} | {range_text(f)} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+def field_help(name: str, cls=None) -> str:
+    """One field's help text with its allowed values (for CLI options that override it)."""
+    f = {f.name: f for f in dataclasses.fields(cls or MemoirConfig)}[name]
+    return f"{f.metadata['help']} ({range_text(f)}; overrides the config)"
 
 
 def default_layer(num_layers: int) -> int:
@@ -208,3 +308,16 @@ def default_layer(num_layers: int) -> int:
 
 def default_top_k(input_dim: int) -> int:
     return max(1, round(input_dim * PAPER_K_RATIO))
+
+
+
+def rewrite_table(readme) -> None:
+    """Replace the generated table between the config-table markers of a Markdown file."""
+    readme = pathlib.Path(readme)
+    text = readme.read_text()
+    start, end = "<!-- config-table:start -->\n", "<!-- config-table:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{readme}: no {start.strip()} ... {end} section")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + start + markdown_table() + "\n" + end + tail)

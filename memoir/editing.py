@@ -48,7 +48,7 @@ def encode_edit(editor, request: EditRequest) -> EditInputs:
     rows = [tpl.format(request.prompt) for tpl in editor.context_templates()]
     batch = build_batch(editor.tokenizer, rows, request.target, device=editor.device)
     with editor.disabled(), editor.layer.capturing() as seen, \
-            capture_below(editor.target, enabled=not cfg.full_forward) as replay_output:
+            capture_below(editor.target, enabled=not editor.full_forward) as replay_output:
         editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                      **keep_logits(editor.model, 1))
     acts = seen[0].reshape(*batch.input_ids.shape, -1)
@@ -165,8 +165,7 @@ def gradient_transforms(cfg, memory: torch.nn.Parameter, inputs: EditInputs, own
         def project(g):
             g[:, cols] = project_out(g[:, cols], q)
         transforms.append(project)
-    if cfg.grad_clip > 0:
-        transforms.append(lambda g: torch.nn.utils.clip_grad_norm_([memory], cfg.grad_clip))
+    transforms.append(lambda g: torch.nn.utils.clip_grad_norm_([memory], cfg.grad_clip))  # grad_clip > 0 always
     return transforms
 
 
@@ -180,7 +179,7 @@ def optimise(editor, inputs: EditInputs, row: int, transforms: list[GradTransfor
     # Every row ends with the same target tokens (left padding), so only the last n_target + 1
     # positions' logits are needed; full_forward computes all of them as the reference loop does.
     labels = batch.input_ids[:, -n_target:]
-    keep = {} if cfg.full_forward else keep_logits(model, n_target + 1)
+    keep = {} if editor.full_forward else keep_logits(model, n_target + 1)
     route = Route.to_row(row, batch.input_ids.shape[0], memory.device)
     steps, prev, loss_value = 0, None, float("nan")
     memory.requires_grad_(True)

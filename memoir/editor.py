@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -10,9 +11,9 @@ from torch import nn
 from memoir import editing, persist, subject_router
 from memoir.background import background_statistics, default_background_texts
 from memoir.batching import build_batch
-from memoir.config import MemoirConfig
+from memoir.config import MemoirConfig, preset_for
 from memoir.layer import MemoirLayer
-from memoir.models import Target, locate_target
+from memoir.models import Target, locate_target, model_signature
 from memoir.preserve import KeyStore
 from memoir.replay import keep_logits
 from memoir.route import CallLocal, Route
@@ -27,6 +28,24 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)
+
+
+def choose_config(model: nn.Module, config: MemoirConfig | None) -> MemoirConfig:
+    """The config an editor runs: the given one (a warning if it was tuned for another model), else the
+    shipped preset tuned for this model, else the reference settings (with a notice)."""
+    signature = model_signature(model)
+    if config is not None:
+        if not config.fits(signature):
+            warnings.warn(f"this MemoirConfig was tuned for {config.tuned_for}, not for this model "
+                          f"({signature}); its settings may not suit it", stacklevel=3)
+        return config
+    name = preset_for(signature)
+    if name is not None:
+        log.info("memoir: using the %r preset, tuned for this model", name)
+        return MemoirConfig.preset(name)
+    log.warning("memoir: no preset is tuned for this model (%s); using the reference settings "
+                "(MemoirConfig(): the paper's LLaMA-3-8B hyper-parameters)", signature.get("model_type", "unknown"))
+    return MemoirConfig()
 
 
 class MemoirEditor(PromptRouting):
@@ -44,16 +63,23 @@ class MemoirEditor(PromptRouting):
         background_texts=None,
         *,
         background: tuple[torch.Tensor, torch.Tensor] | None = None,
+        full_forward: bool = False,
     ):
+        """``config=None``: the shipped preset tuned for this model if there is one (logged), the
+        reference settings otherwise (with a notice).  A config tuned for another model warns.
+        ``full_forward``: every edit step runs the whole model, as the reference loop does, instead
+        of replaying the frozen layers below the edit (same result, slower; for checking)."""
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
         self.model = model
         self.tokenizer = tokenizer
-        target = locate_target(model, None if config is None else config.layer)
+        config = choose_config(model, config)
+        target = locate_target(model, config.layer)
         if isinstance(target.module, MemoirLayer):
             raise ValueError(f"{target.qualified_name} already carries a MEMOIR memory")
-        self.config = (config or MemoirConfig()).resolve(target.num_layers, target.in_features)
+        self.config = config.resolve(target.num_layers, target.in_features)
+        self.full_forward = bool(full_forward)
         self.target: Target = target
         for p in model.parameters():
             p.requires_grad_(False)
@@ -66,7 +92,7 @@ class MemoirEditor(PromptRouting):
             target.in_features,
             target.out_features,
             top_k=self.config.top_k,
-            threshold=1.0 if self.config.threshold == "auto" else self.config.threshold,
+            threshold=1.0 if self.config.threshold_mode == "auto" else self.config.threshold,
             aggregation=self.config.aggregation,
             feature_scaling=self.config.feature_scaling,
             permutation=make_permutation(target.in_features, self.config.seed),
@@ -81,7 +107,7 @@ class MemoirEditor(PromptRouting):
         self._templates: list[str] | None = None
         self.edits: dict[int, EditRequest] = {}
         self._next_id = 0
-        # threshold "auto": the masks of the background texts calibrate tau against the bank.
+        # threshold_mode "auto": the masks of the background texts calibrate tau against the bank.
         self._background_texts = background_texts or default_background_texts()
         self._background_masks: torch.Tensor | None = None
 
@@ -97,7 +123,7 @@ class MemoirEditor(PromptRouting):
 
     @property
     def threshold(self) -> float:
-        """The retrieval threshold tau in force (calibrated after every edit under ``"auto"``)."""
+        """The retrieval threshold tau in force (calibrated after every edit under ``threshold_mode: auto``)."""
         return self.layer.threshold
 
     @torch.no_grad()
@@ -118,13 +144,13 @@ class MemoirEditor(PromptRouting):
         return self._background_masks
 
     def calibrate_threshold(self) -> float:
-        """Under ``threshold: auto`` set tau just above the best overlap any background text reaches.
+        """Under ``threshold_mode: auto`` set tau just above the best overlap any background text reaches.
 
         Background texts stand for unrelated prompts: a query that overlaps the bank no more than
         they do should get the unedited model.  The bound rises with the bank (more chances of a
         chance overlap), so it is recomputed after every edit.  Fixed thresholds are left alone.
         """
-        if self.config.threshold != "auto":
+        if self.config.threshold_mode != "auto":
             return self.layer.threshold
         if len(self.layer.bank) == 0:
             self.layer.threshold = 1.0
@@ -171,6 +197,10 @@ class MemoirEditor(PromptRouting):
             return  # e.g. inputs_embeds: no token ids to verify, the mask router decides alone
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        span = self._span.get("override")
+        if span is not None and span.shape == input_ids.shape:
+            # A teacher-forced prompt + target pass: only the prompt may name the subject.
+            attention_mask = attention_mask.bool() & span.to(attention_mask.device)
         states, own = self._subject_states(input_ids, attention_mask)
         scores = subject.scores(states, own, self.layer.bank.ids)
         self.layer.calls.set(eligible=scores >= self.config.subject_threshold)
@@ -337,9 +367,35 @@ class MemoirEditor(PromptRouting):
         """Attach saved edits to ``model`` (the same base model they were made on; checked)."""
         return persist.load_editor(cls, model, tokenizer, path)
 
+    # peft-style names for the same operations
+    def save_pretrained(self, path) -> None:
+        """:meth:`save` under peft's name."""
+        self.save(path)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path, tokenizer=None) -> "MemoirEditor":
+        """:meth:`load` under peft's name; ``tokenizer`` defaults to the one saved with ``model``'s weights."""
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            source = getattr(getattr(model, "config", None), "_name_or_path", None)
+            if not source:
+                raise ValueError("from_pretrained: pass tokenizer= (the model records no folder to read one from)")
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        return cls.load(model, tokenizer, path)
+
+    def disable_adapter(self):
+        """``with editor.disable_adapter():`` the unedited model inside the block (peft's name for
+        :meth:`disabled`)."""
+        return self.disabled()
+
     # ------------------------------------------------------------------ teardown
     def detach(self) -> nn.Module:
         """Remove the memory and restore the original projection; returns the plain model."""
         self._remove_routing()
         self.target.install(self.layer.base)
         return self.model
+
+    def unload(self) -> nn.Module:
+        """peft's name for :meth:`detach`: the base model with its original module back."""
+        return self.detach()

@@ -113,7 +113,7 @@ class MemoirLayer(Float32Buffers):
         ``[B*S, D]``) and the prompt positions ``[B, S]`` (``None``: every position).
 
         ``eligible`` (``[B, N]`` bool, the subject router's verdict): only those bank rows may be
-        chosen, the one with the largest mask overlap, with no threshold on it.
+        chosen, the one with the largest mask overlap, and only if that overlap reaches the threshold.
         """
         if acts.dim() == 2:  # OPT-style flattened tokens [B*S, D]: recover the sequences
             acts = acts.reshape(1 if span is None else span.shape[0], -1, acts.shape[-1])
@@ -132,7 +132,7 @@ class MemoirLayer(Float32Buffers):
             ratio = ops.overlap_counts(packed, self.bank.words).float() / ops.popcounts(packed).clamp_min(1)[:, None]
             ratio = ratio.masked_fill(~eligible.to(ratio.device), -1.0)
             scores, rows = ratio.max(dim=1)
-            rows = torch.where(scores >= 0, rows, torch.full_like(rows, -1))
+            rows = torch.where(scores >= self.threshold, rows, torch.full_like(rows, -1))
             return Route(rows, scores.clamp_min(0))
         scores, rows = self.bank.best_match(packed, self.threshold)
         return Route(rows, scores)

@@ -232,3 +232,10 @@ def locate_target(model: nn.Module, layer: int | None = None) -> Target:
         f"no recognisable FFN output projection in layer {index} of this {model_type or 'unknown'} model "
         f"(looked for {', '.join(candidates)}); projections found: {', '.join(found) or 'none'}"
     )
+
+
+def model_signature(model: nn.Module) -> dict:
+    """What a preset is tuned for: the architecture family and size from the model's config."""
+    cfg = getattr(model, "config", None)
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
+    return {k: getattr(cfg, k) for k in keys if cfg is not None and getattr(cfg, k, None) is not None}

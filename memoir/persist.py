@@ -55,7 +55,7 @@ def save_editor(editor, path) -> None:
             state.update(subject_keys=layer.subject.keys.contiguous().cpu(),
                          subject_key_ids=layer.subject.edit_ids.contiguous().cpu(),
                          subject_mean=layer.subject.mean.contiguous().cpu())
-        if editor.config.threshold == "auto":
+        if editor.config.threshold_mode == "auto":
             state["background_masks"] = editor.background_masks().contiguous().cpu()
         save_file(state, str(tmp / STATE_FILE))
         meta = {

@@ -10,7 +10,12 @@ often sits on the first tokens, whose states are dominated by the attention sink
 later mention of the same words (experiments/subject_key_probe.py measures both).
 
 Among the eligible edits (score >= ``subject_threshold``) the memory layer picks the one with the
-largest TopHash mask overlap, so two edits about one subject are told apart by their relation.
+largest TopHash mask overlap, so two edits about one subject are told apart by their relation, and
+switches it on only when that overlap reaches ``threshold``: with hundreds of stored subjects some
+unrelated prompt token matches some key by chance, but not with the edit's wording as well
+(experiments/subject_routing_sim.py measures both rules on the whole public files).
+Only the prompt is searched for the subject: in a teacher-forced ``prompt + target`` pass the
+target tokens are not part of the query.
 """
 from __future__ import annotations
 

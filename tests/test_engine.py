@@ -96,8 +96,7 @@ def test_cached_activation_editing_equals_full_forward():
     model, tok = tiny_model("llama")
     cfg = MemoirConfig(n_iter=12, num_context_templates=3, threshold=0.6, layer=2)
     fast = MemoirEditor(copy.deepcopy(model), tok, cfg, background_texts=BACKGROUND)
-    slow_cfg = MemoirConfig(**{**cfg.to_dict(), "full_forward": True})
-    slow = MemoirEditor(copy.deepcopy(model), tok, slow_cfg, background_texts=BACKGROUND)
+    slow = MemoirEditor(copy.deepcopy(model), tok, cfg, background_texts=BACKGROUND, full_forward=True)
     for prompt, target in ((PROMPT, TARGET), ("the capital of japan is", "berlin")):
         a, b = fast.edit(prompt, target), slow.edit(prompt, target)
         assert a.steps == b.steps
@@ -289,8 +288,8 @@ def _assert_same_state(got, want):
 @pytest.mark.parametrize("prompt", ["the capital of japan is", PROMPT])  # a new mask / the same mask re-edited
 def test_interrupted_edit_rolls_back_every_entry_it_touched(monkeypatch, prompt):
     """Interrupted after three real SGD steps (whole-matrix decay: other edits' columns move too)."""
-    editor = make_editor(threshold="auto", preserve_neighbours=2, decay_scope="all", weight_decay=0.5,
-                         grad_clip=0.0, early_stop=False)
+    editor = make_editor(threshold_mode="auto", preserve_neighbours=2, decay_scope="all", weight_decay=0.5,
+                         grad_clip=1e6, early_stop=False)
     editor.edit(PROMPT, TARGET)
     editor.edit("who wrote the book ?", "paris")
     before = _editor_state(editor)

@@ -27,7 +27,7 @@ def test_k_larger_than_d_is_rejected():
 
 
 def test_config_yaml_json_round_trip(tmp_path):
-    cfg = MemoirConfig(layer=3, top_k=17, threshold=0.55, feature_scaling="std", extra={"note": "x"})
+    cfg = MemoirConfig(layer=3, top_k=17, threshold=0.55, feature_scaling="std", tuned_for={"model_type": "llama"})
     for name in ("c.yaml", "c.json"):
         cfg.save(tmp_path / name)
         assert MemoirConfig.load(tmp_path / name) == cfg

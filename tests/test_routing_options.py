@@ -37,20 +37,23 @@ def test_maxabs_editor_edits_and_routes():
 
 
 def test_threshold_config_values():
-    assert MemoirConfig(threshold="auto").threshold == "auto"
     assert MemoirConfig(threshold="0.5").threshold == 0.5
+    with pytest.raises(ValueError, match="threshold_mode: auto"):
+        MemoirConfig(threshold="auto")
     for bad in ("automatic", 1.5, -0.1, None):
         with pytest.raises(ValueError, match="threshold"):
             MemoirConfig(threshold=bad)
+    with pytest.raises(ValueError, match="threshold_mode"):
+        MemoirConfig(threshold_mode="learned")
     with pytest.raises(ValueError, match="threshold_margin"):
         MemoirConfig(threshold_margin=2.0)
-    cfg = MemoirConfig(threshold="auto", threshold_margin=0.05)
+    cfg = MemoirConfig(threshold_mode="auto", threshold_margin=0.05)
     assert MemoirConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def _auto_editor(**overrides):
     model, tok = tiny_model("llama")
-    cfg = MemoirConfig(**{"threshold": "auto", "threshold_margin": 0.02, "n_iter": 20,
+    cfg = MemoirConfig(**{"threshold_mode": "auto", "threshold_margin": 0.02, "n_iter": 20,
                           "num_context_templates": 2, **overrides})
     return MemoirEditor(model, tok, cfg, background_texts=BACKGROUND)
 
@@ -76,16 +79,22 @@ def test_auto_threshold_sits_above_every_background_text(tmp_path):
 
 
 def test_fixed_threshold_is_not_recalibrated():
-    editor = _auto_editor(threshold=0.7)
+    editor = _auto_editor(threshold_mode="fixed", threshold=0.7)
     editor.edit(PROMPT, TARGET)
     assert editor.threshold == 0.7 and editor.calibrate_threshold() == 0.7
 
 
-def test_eval_cli_threshold_argument():
+def test_eval_cli_threshold_arguments():
     import argparse
 
-    from memoir.eval.cli_eval import _threshold
+    from memoir.eval.cli_eval import _load_configs, add_eval_parser
 
-    assert _threshold("auto") == "auto" and _threshold("0.45") == 0.45
-    with pytest.raises(argparse.ArgumentTypeError, match="auto"):
-        _threshold("high")
+    def parse(*extra):
+        parser = argparse.ArgumentParser()
+        add_eval_parser(parser.add_subparsers())
+        return parser.parse_args(["eval", "--data", "d.json", "--output", "o.json", *extra])
+
+    cfg = _load_configs(parse("--preset", "reference", "--threshold", "0.45", "--threshold-mode", "auto"))[0]
+    assert cfg.threshold == 0.45 and cfg.threshold_mode == "auto"
+    with pytest.raises(SystemExit):
+        parse("--threshold", "auto")

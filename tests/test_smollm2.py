@@ -51,3 +51,28 @@ def test_three_edits_on_smollm2(smollm2, request):
         assert editor.generate(loc_prompts, max_new_tokens=6) == before
     finally:
         editor.detach()
+
+
+def test_default_editor_picks_the_preset_and_edits_twenty_zsre_facts(smollm2):
+    """``MemoirEditor(model, tok)`` with no config on SmolLM2: the shipped preset, and greedy
+    generation reproduces >= 90 % of 20 public ZsRE edits exactly."""
+    import json
+    import pathlib
+
+    from memoir.batching import target_ids
+    from memoir.eval.metrics import exact_match
+
+    records = json.loads((pathlib.Path(__file__).parent / "data" / "zsre_public_first20.json").read_text())
+    model, tok = smollm2
+    editor = memoir.MemoirEditor(model, tok)
+    try:
+        assert editor.config == memoir.MemoirConfig.preset("smollm2").resolve(30, 1536)
+        editor.edit_many([{"prompt": r["src"], "target": r["alt"], "subject": r["subject"]} for r in records],
+                         progress=False)
+        hits = []
+        for r in records:
+            budget = len(target_ids(tok, r["alt"])) + 2
+            hits.append(exact_match(editor.generate(r["src"], max_new_tokens=budget), r["alt"]))
+        assert sum(hits) / len(hits) >= 0.90, hits
+    finally:
+        editor.unload()

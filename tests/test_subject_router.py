@@ -75,3 +75,31 @@ def test_subject_router_config_is_validated():
         MemoirConfig(router="nearest")
     with pytest.raises(ValueError, match="subject_layer"):
         editor_with("subject", subject_layer=3, layer=2)
+
+
+def test_an_eligible_edit_still_needs_the_mask_overlap_threshold():
+    loose, strict = editor_with("subject"), editor_with("subject", threshold=1.0)
+    for ed in (loose, strict):
+        ed.edit(*EDIT)
+    rephrase = "what is the capital of japan ?"
+    assert loose.retrieve([rephrase])[0].edit_id == 0
+    score = loose.retrieve([rephrase])[0].score
+    assert score < 1.0, "the rephrase's mask must differ from the edit's for the test to mean anything"
+    assert [r.edit_id for r in strict.retrieve([EDIT[0], rephrase])] == [0, None]
+
+
+def test_a_teacher_forced_target_cannot_make_its_prompt_eligible():
+    from memoir.batching import build_batch
+
+    ed = editor_with("subject")
+    ed.edit(*EDIT)
+    assert ed.retrieve([NEIGHBOUR])[0].edit_id is None
+    # The neighbour with " japan" as its teacher-forced answer: only the prompt part may name the subject.
+    batch = build_batch(ed.tokenizer, [NEIGHBOUR], " japan")
+    with ed.layer.calls.overriding(), ed.prompt_span(batch.prompt_mask):
+        ed.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        assert ed.layer.last_route.rows.tolist() == [-1]
+    with ed.layer.calls.overriding():  # the same tokens as a prompt do mention it
+        ed.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        eligible = ed.layer.last_route.rows.tolist()
+    assert eligible == [0], "with the answer inside the prompt the subject must be found"

@@ -18,18 +18,10 @@ import pathlib
 import sys
 
 from memoir.atomic import write_text
+from memoir.config import field_help
 from memoir.eval.datasets import FORMATS
 
 log = logging.getLogger(__name__)
-
-
-def _threshold(text: str):
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--threshold must be a number in [0, 1] or 'auto', got {text!r}") from None
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,10 +41,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--preset", default=None,
                    help="a shipped MemoirConfig preset ('smollm2', 'reference'); default: 'smollm2' for "
                         "--model smollm2, the reference config otherwise")
-    p.add_argument("--layer", type=int, default=None, help="edited layer (overrides the config)")
+    p.add_argument("--layer", type=int, default=None, help="MEMOIR: " + field_help("layer"))
     p.add_argument("--n-iter", type=int, default=None, help="optimisation steps per edit, all methods (overrides)")
-    p.add_argument("--threshold", type=_threshold, default=None,
-                   help="MEMOIR retrieval threshold tau in [0, 1] or 'auto' (overrides the config)")
+    p.add_argument("--threshold", type=float, default=None, help="MEMOIR: " + field_help("threshold"))
+    p.add_argument("--threshold-mode", choices=("fixed", "auto"), default=None,
+                   help="MEMOIR: " + field_help("threshold_mode"))
     p.add_argument("--ft-lr", type=float, default=None, help="FT-L Adam learning rate (default 5e-4)")
     p.add_argument("--grace-eps", type=float, default=None, help="GRACE initial deferral radius (default 1.0)")
     p.add_argument("--grace-lr", type=float, default=None, help="GRACE value learning rate (default 1.0)")
@@ -102,7 +95,7 @@ def _load_configs(args):
         data = read_mapping(args.config)
         ft_data = data.pop("ft", None) or {}
         grace_data = data.pop("grace", None) or {}
-        mcfg = MemoirConfig.from_dict(data)
+        mcfg = MemoirConfig.from_mapping(data, source=args.config)
     elif args.preset:
         mcfg = MemoirConfig.preset(args.preset)
     elif args.model == "smollm2" and (PRESET_DIR / "smollm2.yaml").exists():
@@ -116,6 +109,8 @@ def _load_configs(args):
         overrides["n_iter"] = args.n_iter
     if args.threshold is not None:
         overrides["threshold"] = args.threshold
+    if args.threshold_mode is not None:
+        overrides["threshold_mode"] = args.threshold_mode
     if overrides:
         mcfg = MemoirConfig.from_dict({**mcfg.to_dict(), **overrides})
     ft_data.setdefault("n_iter", mcfg.n_iter)
