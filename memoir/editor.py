@@ -166,19 +166,18 @@ class MemoirEditor(PromptRouting):
             raise ValueError(f"subject_layer {cfg.subject_layer} must not exceed the edited layer "
                              f"({self.target.layer_index}): its states are read before the memory")
         self.layer.subject = SubjectKeys(self.target.out_features).to(self.device)
-        prefix_ids = self.tokenizer(subject_router.PREFIX, add_special_tokens=True)["input_ids"]
-        self._prefix_ids = prefix_ids
         states = []
         for i in range(0, len(texts), 16):
-            batch = build_batch(self.tokenizer, texts[i:i + 16], device=self.device)
-            s, o = self._subject_states(batch.input_ids, batch.attention_mask)
+            s, o = self._subject_states(texts=texts[i:i + 16])
             states.append(s[o])
         self.layer.subject.mean = torch.cat(states).mean(0).to(self.device)
 
-    def _subject_states(self, input_ids, attention_mask):
-        """``(states [B, S', d], own [B, S'])`` of ``PREFIX + row`` at the subject layer."""
-        pad = self.tokenizer.pad_token_id
-        ids, attn, own = subject_router.with_prefix(self._prefix_ids, input_ids, attention_mask, pad)
+    def _subject_states(self, input_ids=None, attention_mask=None, texts: list[str] | None = None):
+        """``(states [B, S', d], own [B, S'])`` of ``PREFIX + text`` at the subject layer, for ``texts``
+        or the text of each row of ``input_ids``; ``own`` marks the text's tokens."""
+        if texts is None:
+            texts = subject_router.row_texts(self.tokenizer, input_ids, attention_mask)
+        ids, attn, own = subject_router.prefixed_batch(self.tokenizer, texts, self.device)
         with self._nested.overriding(active=True):
             states = subject_router.token_states(self.model, self.target.layers, self.config.subject_layer, ids, attn)
         return states, own
@@ -206,26 +205,29 @@ class MemoirEditor(PromptRouting):
         self.layer.calls.set(eligible=scores >= self.config.subject_threshold)
 
     @torch.no_grad()
-    def _subject_keys(self, request: EditRequest) -> torch.Tensor:
-        """Keys of one edit ``[n, d]``: the subject's last token as given and lower-cased; without a
-        subject (or one not found in the prompt), the two prompt tokens that stand out most."""
-        variants = [request.prompt]
+    def _subject_keys(self, request: EditRequest) -> list[torch.Tensor]:
+        """Key groups of one edit, each ``[m, d]``: the states of the subject's tokens as given and
+        lower-cased; without a subject (or one not found in the prompt), the two prompt tokens that
+        stand out most from the background, each a group of its own."""
+        variants = [(request.prompt, request.subject)]
         if request.subject and request.subject.lower() != request.subject and request.subject in request.prompt:
-            variants.append(request.prompt.replace(request.subject, request.subject.lower(), 1))
-        keys = []
-        for j, prompt in enumerate(variants):
-            subject = request.subject if j == 0 else (request.subject or "").lower()
-            ids, (pos,) = subject_router.subject_positions(self.tokenizer, subject_router.PREFIX, prompt, subject)
+            variants.append((request.prompt.replace(request.subject, request.subject.lower(), 1),
+                             request.subject.lower()))
+        groups = []
+        for prompt, subject in variants:
+            ids, pos = subject_router.subject_positions(self.tokenizer, prompt, subject)
             ids_t = torch.tensor([ids], device=self.device)
-            states = subject_router.token_states(self.model, self.target.layers, self.config.subject_layer, ids_t,
-                                                 torch.ones_like(ids_t))[0]
-            if pos >= 0:
-                keys.append(states[pos])
-            else:
-                mine = states[len(self._prefix_ids):]
+            with self._nested.overriding(active=True):
+                states = subject_router.token_states(self.model, self.target.layers, self.config.subject_layer,
+                                                     ids_t, torch.ones_like(ids_t))[0]
+            if pos:
+                groups.append(states[pos])
+            elif not groups:
+                _, _, own = subject_router.prefixed_batch(self.tokenizer, [prompt], self.device)
+                mine = states[own[0]]
                 stand_out = (mine - self.layer.subject.mean.to(mine.device)).norm(dim=-1)
-                keys.extend(mine[stand_out.topk(min(2, len(mine))).indices])
-        return torch.stack(keys)
+                groups.extend(mine[i:i + 1] for i in stand_out.topk(min(2, len(mine))).indices.tolist())
+        return groups
 
     # ------------------------------------------------------------------ context templates
     @torch.no_grad()

@@ -54,6 +54,7 @@ def save_editor(editor, path) -> None:
         if layer.subject is not None:
             state.update(subject_keys=layer.subject.keys.contiguous().cpu(),
                          subject_key_ids=layer.subject.edit_ids.contiguous().cpu(),
+                         subject_key_groups=layer.subject.groups.contiguous().cpu(),
                          subject_mean=layer.subject.mean.contiguous().cpu())
         if editor.config.threshold_mode == "auto":
             state["background_masks"] = editor.background_masks().contiguous().cpu()
@@ -111,6 +112,7 @@ def load_editor(cls, model, tokenizer, path):
             device = layer.memory.device
             layer.subject.keys = state["subject_keys"].to(device)
             layer.subject.edit_ids = state["subject_key_ids"].to(device)
+            layer.subject.groups = state["subject_key_groups"].to(device)
             layer.subject.mean = state["subject_mean"].to(device)
         if "background_masks" in state:
             editor._background_masks = state["background_masks"].to(layer.memory.device)

@@ -1,21 +1,23 @@
 """Subject verification for routing (``router: subject``): an edit is eligible for a query only when
 the query mentions the edit's subject, judged from hidden states, not from strings.
 
-Key of an edit: the hidden state, at an early layer ``L``, of the last token of the edit's subject in
-``PREFIX + prompt``, minus the mean token state of background texts there (a few keys per edit:
-the subject as given and lower-cased).  Score of a query for an edit: the largest cosine between
-the key and any token state of ``PREFIX + query`` (one partial forward through the first ``L``
-layers at the prompt pass).  The neutral ``PREFIX`` matters: without it the subject of a prompt
-often sits on the first tokens, whose states are dominated by the attention sink and match no
-later mention of the same words (experiments/subject_key_probe.py measures both).
+Keys of an edit: the hidden states, at an early layer ``L``, of every token of the edit's subject in
+``PREFIX + prompt``, minus the mean token state of background texts there; one group of keys per
+form of the subject (as given, lower-cased).  Score of a query for a group: the mean over the
+group's keys of the best cosine between that key and any token of ``PREFIX + query`` (one partial
+forward through the first ``L`` layers at the prompt pass); an edit scores its best group.  Every
+subject token must be found, so subjects sharing only a last word ("1983 World Snooker
+Championship", "United Rugby Championship") stay apart, while a mean, unlike a minimum, forgives
+one changed token (a typo, a possessive).  Query and key texts are both tokenised as ``PREFIX + text``,
+so a subject at the start of a prompt gets the same tokens as a subject mid-sentence.  The neutral
+``PREFIX`` matters too: without it the subject of a prompt often sits on the first tokens, whose
+states are dominated by the attention sink (experiments/subject_key_probe.py,
+experiments/subject_tokens_probe.py measure these choices on the public files).
 
 Among the eligible edits (score >= ``subject_threshold``) the memory layer picks the one with the
 largest TopHash mask overlap, so two edits about one subject are told apart by their relation, and
-switches it on only when that overlap reaches ``threshold``: with hundreds of stored subjects some
-unrelated prompt token matches some key by chance, but not with the edit's wording as well
-(experiments/subject_routing_sim.py measures both rules on the whole public files).
-Only the prompt is searched for the subject: in a teacher-forced ``prompt + target`` pass the
-target tokens are not part of the query.
+switches it on only when that overlap reaches ``threshold``.  Only the prompt is searched for the
+subject: in a teacher-forced ``prompt + target`` pass the target tokens are not part of the query.
 """
 from __future__ import annotations
 
@@ -60,82 +62,100 @@ def token_states(model, layers, layer: int, input_ids: torch.Tensor, attention_m
     return seen[0].float()
 
 
-def with_prefix(prefix_ids: list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int):
-    """Rows ``prefix + row`` (left padded again) and the mask of the row's own tokens."""
-    rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
-    length = len(prefix_ids) + max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), length), dtype=torch.long)
-    own = torch.zeros((len(rows), length), dtype=torch.bool)
-    for b, row in enumerate(rows):
-        full = prefix_ids + row
-        ids[b, length - len(full):] = torch.tensor(full)
-        attn[b, length - len(full):] = 1
-        own[b, length - len(row):] = True
-    device = input_ids.device
-    return ids.to(device), attn.to(device), own.to(device)
+def prefixed_batch(tokenizer, texts: list[str], device=None):
+    """``PREFIX + text`` for each text, tokenised together and left padded: ``(ids, attention, own)``,
+    ``own`` marking the tokens of the text itself."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer([PREFIX + t for t in texts], padding=True, return_offsets_mapping=True,
+                        return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    attn = enc["attention_mask"]
+    own = (enc["offset_mapping"][..., 1] >= len(PREFIX)) & attn.bool()
+    return enc["input_ids"].to(device), attn.to(device), own.to(device)
+
+
+def row_texts(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+    """The text of each row's attended tokens (special tokens dropped)."""
+    return tokenizer.batch_decode([ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)],
+                                  skip_special_tokens=True)
 
 
 class SubjectKeys(GrowingBuffers):
-    """Subject keys of the stored edits (module state): ``keys [K, d]`` float32, ``edit_ids [K]``,
-    and the background token mean ``mean [d]`` at the key layer."""
+    """Subject keys of the stored edits (module state): ``keys [K, d]`` float32, ``edit_ids [K]``, the
+    key group of each key ``groups [K]`` (one group per form of an edit's subject), and the background
+    token mean ``mean [d]`` at the key layer."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer("keys", torch.zeros((0, dim)))
         self.register_buffer("edit_ids", torch.zeros((0,), dtype=torch.int64))
+        self.register_buffer("groups", torch.zeros((0,), dtype=torch.int64))
         self.register_buffer("mean", torch.zeros(dim))
 
     def __len__(self) -> int:
         return self.keys.shape[0]
 
-    def add(self, edit_id: int, keys: torch.Tensor) -> None:
-        keys = F.normalize(keys.float().to(self.keys.device) - self.mean, dim=-1)
+    def add(self, edit_id: int, groups: list[torch.Tensor]) -> None:
+        """Add one edit's key groups, each ``[m, d]`` (the states of one form of its subject)."""
+        start = int(self.groups.max()) + 1 if len(self) else 0
+        dev = self.keys.device
+        keys = torch.cat([g.float().to(dev) for g in groups])
+        keys = F.normalize(keys - self.mean, dim=-1)
+        ids = torch.full((keys.shape[0],), int(edit_id), dtype=torch.int64, device=dev)
+        group = torch.cat([torch.full((g.shape[0],), start + j, dtype=torch.int64, device=dev)
+                           for j, g in enumerate(groups)])
         self.keys = torch.cat([self.keys, keys])
-        ids = torch.full((keys.shape[0],), int(edit_id), dtype=torch.int64, device=self.keys.device)
         self.edit_ids = torch.cat([self.edit_ids, ids])
+        self.groups = torch.cat([self.groups, group])
 
     def pop(self, edit_id: int) -> None:
         keep = self.edit_ids != int(edit_id)
-        self.keys, self.edit_ids = self.keys[keep], self.edit_ids[keep]
+        self.keys, self.edit_ids, self.groups = self.keys[keep], self.edit_ids[keep], self.groups[keep]
 
     def snapshot(self):
-        return self.keys, self.edit_ids
+        return self.keys, self.edit_ids, self.groups
 
     def restore(self, snapshot) -> None:
-        self.keys, self.edit_ids = snapshot
+        self.keys, self.edit_ids, self.groups = snapshot
 
     def scores(self, states: torch.Tensor, own: torch.Tensor, bank_ids: torch.Tensor) -> torch.Tensor:
-        """``[B, N]``: per query and bank row, the best cosine between the row's keys and the query's tokens."""
+        """``[B, N]``: per query and bank row, the best group score of the row's edit (-1: no keys)."""
         b, n = states.shape[0], bank_ids.shape[0]
-        out = torch.full((b, n), -1.0, device=states.device)
+        dev = states.device
+        out = torch.full((b, n), -1.0, device=dev)
         if len(self) == 0 or n == 0:
             return out
-        q = F.normalize(states - self.mean.to(states.device), dim=-1)  # [B, S, d]
-        sim = torch.einsum("bsd,kd->bsk", q, self.keys.to(states.device))
+        q = F.normalize(states - self.mean.to(dev), dim=-1)  # [B, S, d]
+        sim = torch.einsum("bsd,kd->bsk", q, self.keys.to(dev))
         sim = sim.masked_fill(~own[..., None], -1.0).amax(dim=1)  # [B, K]: best query token per key
-        # Key -> bank row (edit ids are unique in the bank); keys of edits no longer stored drop out.
-        match = self.edit_ids.to(states.device)[:, None] == bank_ids.to(states.device)[None, :]  # [K, N]
-        per_row = torch.where(match[None], sim[:, :, None], torch.full_like(sim[:, :, None], -1.0))
+        uniq, inv = torch.unique(self.groups.to(dev), return_inverse=True)
+        per_group = torch.zeros((b, uniq.shape[0]), device=dev).index_add_(1, inv, sim)
+        per_group = per_group / torch.bincount(inv, minlength=uniq.shape[0]).to(per_group)
+        group_edit = torch.zeros(uniq.shape[0], dtype=torch.int64, device=dev).scatter_(0, inv, self.edit_ids.to(dev))
+        # Group -> bank row (edit ids are unique in the bank); groups of edits no longer stored drop out.
+        match = group_edit[:, None] == bank_ids.to(dev)[None, :]  # [G, N]
+        per_row = torch.where(match[None], per_group[:, :, None], torch.full_like(per_group[:, :, None], -1.0))
         return per_row.amax(dim=1)
 
 
-def subject_positions(tokenizer, prefix: str, prompt: str, subject: str | None) -> tuple[list[int], list[int]]:
-    """Token ids of ``prefix + prompt`` and the index of the subject's last token in them.
+def subject_positions(tokenizer, prompt: str, subject: str | None) -> tuple[list[int], list[int]]:
+    """Token ids of ``PREFIX + prompt`` and the positions of the subject's tokens in them.
 
-    Without a subject (or when it is not in the prompt) the position is ``-1``: the caller falls back
-    to the prompt tokens whose states stand out most from the background.
+    Empty positions when there is no subject or it is not in the prompt: the caller falls back to
+    the prompt tokens whose states stand out most from the background.
     """
-    text = prefix + prompt
+    text = PREFIX + prompt
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     if not subject:
-        return ids, [-1]
-    at = text.find(subject, len(prefix))
+        return ids, []
+    at = text.find(subject, len(PREFIX))
     if at < 0:
-        at = text.lower().find(subject.lower(), len(prefix))
+        at = text.lower().find(subject.lower(), len(PREFIX))
     if at < 0:
-        return ids, [-1]
+        return ids, []
     end = at + len(subject)
-    pos = [j for j, (a, b) in enumerate(offsets) if a < end and b > at]
-    return ids, [pos[-1] if pos else -1]
+    return ids, [j for j, (a, b) in enumerate(offsets) if a < end and b > at]
