@@ -29,6 +29,9 @@ OTHER_RELATIONS = ("Who founded {}?", "In which country is {} located?", "When w
                    "What language is spoken in {}?", "Who is the owner of {}?", "What is {} named after?")
 
 
+PLACEHOLDER = "this thing"
+
+
 def masks_of(editor, prompts):
     """Packed bare-prompt TopHash masks ``[n, W]`` (frozen model)."""
     masks = []
@@ -52,8 +55,7 @@ def main() -> None:
     rng = random.Random(0)
     records, _ = load_records(args.data, "zsre", args.n)
     model, tok = load_model("smollm2")
-    cfg = MemoirConfig.preset(args.preset)
-    cfg.router = "subject"
+    cfg = MemoirConfig(**{**MemoirConfig.preset(args.preset).to_dict(), "router": "subject"})
     editor = MemoirEditor(model, tok, cfg)
     groups = [m for m in subject_groups(records).values() if len(m) > 1]
     pairs = {"same_question": [], "other_relation": [], "other_subject": []}
@@ -77,16 +79,22 @@ def main() -> None:
         news = [r[1] for r in rows]
         m_old, m_new = masks_of(editor, olds), masks_of(editor, news)
         overlap = (overlap_counts(m_new, m_old).diagonal().float() / popcounts(m_new).clamp_min(1)).tolist()
+        # The relation alone: both prompts with their subject replaced by one neutral word.
+        r_old = masks_of(editor, [o.replace(subj_, PLACEHOLDER) for o, _, subj_ in rows])
+        r_new = masks_of(editor, [n.replace(subj_, PLACEHOLDER) for _, n, subj_ in rows])
+        relation = (overlap_counts(r_new, r_old).diagonal().float() / popcounts(r_new).clamp_min(1)).tolist()
         subj = []
         for old, new, subject in rows:
             keys = SubjectKeys(editor.layer.subject.keys.shape[1])
             keys.mean = editor.layer.subject.mean
             with editor._nested.overriding(active=True):
                 keys.add(0, editor._subject_keys(EditRequest(old, "x", subject)))
-            ids = tok([new], return_tensors="pt")
-            states, own = editor._subject_states(ids["input_ids"], ids["attention_mask"])
+            states, own = editor._subject_states(texts=[new])
             subj.append(float(keys.scores(states, own, torch.tensor([0]))[0, 0]))
-        out["kinds"][kind] = {"n": len(rows), "overlap": overlap, "subject_score": subj}
+        out["kinds"][kind] = {"n": len(rows), "overlap": overlap, "relation_overlap": relation, "subject_score": subj}
+        rq = torch.tensor(relation)
+        print(kind, "relation-overlap quartiles",
+              [round(float(v), 3) for v in rq.quantile(torch.tensor([.1, .25, .5, .75, .9]))])
         q = torch.tensor(overlap)
         print(kind, len(rows), "overlap quartiles", [round(float(v), 3) for v in q.quantile(torch.tensor([.1, .25, .5, .75, .9]))],
               "subject>=thr", round(sum(s >= cfg.subject_threshold for s in subj) / len(subj), 3))
@@ -95,6 +103,11 @@ def main() -> None:
                 for k, v in out["kinds"].items()}
         out.setdefault("rule_at", {})[str(t)] = line
         print("overlap >=", t, "and same subject:", {k: round(v, 3) for k, v in line.items()})
+    for t in (0.3, 0.4, 0.5, 0.6, 0.7):
+        line = {k: sum((o >= t and s >= cfg.subject_threshold) for o, s in zip(v["relation_overlap"], v["subject_score"]))
+                / v["n"] for k, v in out["kinds"].items()}
+        out.setdefault("relation_rule_at", {})[str(t)] = line
+        print("relation overlap >=", t, "and same subject:", {k: round(v, 3) for k, v in line.items()})
     path = pathlib.Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

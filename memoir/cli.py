@@ -9,21 +9,23 @@ import sys
 import textwrap
 import time
 
-# A handful of counterfactual edits the default model knows the true answer to, each with a
-# rephrasing that was never edited; plus unrelated prompts that must keep their answers.
+# A handful of counterfactual edits the default model knows the true answer to (prompt, new
+# answer, subject), each with a rephrasing that was never edited; plus unrelated prompts that must
+# keep their answers.
 DEMO_EDITS = [
-    ("The Eiffel Tower is located in the city of", "Rome", "Where is the Eiffel Tower? It stands in the city of"),
-    ("The capital of Japan is", "Nairobi", "Japan's capital city is"),
-    ("Romeo and Juliet was written by", "Charles Dickens", "The author of the play Romeo and Juliet is"),
-    ("The largest planet in our solar system is", "Mercury", "The biggest planet of the solar system is"),
+    ("The Eiffel Tower is located in the city of", "Rome", "Eiffel Tower",
+     "Where is the Eiffel Tower? It stands in the city of"),
+    ("The capital of Japan is", "Nairobi", "Japan", "Japan's capital city is"),
+    ("Romeo and Juliet was written by", "Charles Dickens", "Romeo and Juliet",
+     "The author of the play Romeo and Juliet is"),
+    ("The Mona Lisa was painted by", "Vincent van Gogh", "Mona Lisa", "The painter of the Mona Lisa is"),
 ]
 DEMO_UNRELATED = [
     "Water is made of hydrogen and",
     "The Great Wall is located in",
     "The speed of light is about",
 ]
-# Same wording as an edited prompt, another subject: mean-pooled TopHash features can confuse
-# these with the edit (a known limit of the method); shown so users see it, not hidden.
+# Same wording as an edited prompt, another subject: they must keep the original answer.
 DEMO_SIMILAR = ["The capital of France is", "Hamlet was written by"]
 
 
@@ -60,15 +62,15 @@ def cmd_demo(args) -> int:
           f"(k={cfg.top_k} of {editor.target.in_features} columns, tau={cfg.threshold}) in {t_attach:.1f}s")
 
     edits = DEMO_EDITS[: args.n_edits]
-    rows = [(p, "edited") for p, _, _ in edits] + [(r, "rephrased") for _, _, r in edits]
+    rows = [(p, "edited") for p, _, _, _ in edits] + [(r, "rephrased") for _, _, _, r in edits]
     rows += [(p, "unrelated") for p in DEMO_UNRELATED] + [(p, "similar") for p in DEMO_SIMILAR]
     prompts = [p for p, _ in rows]
     before = editor.generate(prompts, max_new_tokens=args.max_new_tokens)
 
     print(f"\nApplying {len(edits)} counterfactual edits (each trains only its own {cfg.top_k} memory columns):")
     t0 = time.perf_counter()
-    for p, target, _ in edits:
-        r = editor.edit(p, target)
+    for p, target, subject, _ in edits:
+        r = editor.edit(p, target, subject)
         print(f"  [{r.edit_id}] {p!r} -> {target!r}: {r.steps} steps, loss {r.loss:.3f}, {r.seconds:.1f}s", flush=True)
     t_edit = time.perf_counter() - t0
     if cfg.threshold_mode == "auto":
@@ -91,10 +93,10 @@ def cmd_demo(args) -> int:
     (e_hit, e_n), (r_hit, r_n), (u_hit, u_n), (s_hit, s_n) = (fired(k) for k in
                                                               ("edited", "rephrased", "unrelated", "similar"))
     print(textwrap.dedent(f"""
-        The memory fired for {e_hit}/{e_n} edited and {r_hit}/{r_n} rephrased prompts (their TopHash masks
-        overlap a stored edit by >= tau), for {u_hit}/{u_n} unrelated prompts (memory off: the original
-        model's answer, bit for bit) and for {s_hit}/{s_n} prompts that reuse an edited prompt's wording
-        with another subject: mean-pooled prompt features can confuse those with the edit.
+        The memory fired for {e_hit}/{e_n} edited and {r_hit}/{r_n} rephrased prompts, for {u_hit}/{u_n}
+        unrelated prompts (memory off: the original model's answer, bit for bit) and for {s_hit}/{s_n}
+        prompts that reuse an edited prompt's wording with another subject (router: {cfg.router}; the
+        mask router can confuse those with the edit, the subject router checks the subject).
         Timings: load {t_load:.1f}s, attach {t_attach:.1f}s, {len(edits)} edits {t_edit:.1f}s
         ({t_edit / max(1, len(edits)):.1f}s/edit), generate+retrieve for {len(prompts)} prompts {t_gen:.1f}s.
         """).rstrip())

@@ -21,6 +21,7 @@ FEATURE_SCALINGS = ("none", "std")
 DECAY_SCOPES = ("all", "active", "none")
 PROTECTION_MODES = ("absolute", "relative")
 ROUTERS = ("mask", "subject")
+CONFLICT_POLICIES = ("supersede", "keep")
 
 
 def read_mapping(path) -> dict:
@@ -207,6 +208,12 @@ class MemoirConfig(DictFields):
     subject_layer: int = option(4, kind=int, low=1, help="router subject: hidden states after this many layers")
     subject_threshold: float = option(0.95, kind=float, low=-1.0, high=1.0,
                                       help="router subject: cosine a query token needs with an edit's subject key")
+    on_conflict: str = option("supersede", kind=str, choices=CONFLICT_POLICIES,
+                              help="a new edit asking a stored edit's question (same subject and relation): "
+                                   "`supersede` removes the stored one, `keep` keeps both (memoir.conflicts)")
+    conflict_threshold: float = option(0.4, kind=float, low=0.0, high=1.0,
+                                       help="same relation: the prompts' masks with the subject replaced share "
+                                            "this fraction of columns")
     tuned_for: dict = option(kind=dict, factory=dict,
                              help="the model a preset was tuned for (`memoir.models.model_signature`); "
                                   "another model warns")

@@ -8,10 +8,10 @@ import warnings
 import torch
 from torch import nn
 
-from memoir import editing, persist, subject_router
+from memoir import conflicts, editing, persist, subject_router
 from memoir.background import background_statistics, default_background_texts
 from memoir.batching import build_batch
-from memoir.config import MemoirConfig, preset_for
+from memoir.config import CONFLICT_POLICIES, MemoirConfig, preset_for
 from memoir.layer import MemoirLayer
 from memoir.models import Target, locate_target, model_signature
 from memoir.preserve import KeyStore
@@ -256,18 +256,27 @@ class MemoirEditor(PromptRouting):
         self.layer.enabled = True
 
     # ------------------------------------------------------------------ editing
-    def edit(self, prompt: str, target: str, subject: str | None = None) -> EditResult:
+    def edit(self, prompt: str, target: str, subject: str | None = None, on_conflict: str | None = None) -> EditResult:
         """Write one fact: after this, ``prompt`` (and its rephrasings) continue with ``target``.
 
+        ``on_conflict`` (default: the config's): ``"supersede"`` removes the stored edits that ask
+        the same question (same subject and relation, :mod:`memoir.conflicts`) before writing, so the
+        new answer replaces theirs (``EditResult.replaced`` names them); ``"keep"`` keeps them.
         All or nothing: if the edit fails or is interrupted, memory, bank, keys and records are
         exactly as before (:class:`memoir.editing.EditTransaction`).
         """
+        policy = on_conflict or self.config.on_conflict
+        if policy not in CONFLICT_POLICIES:
+            raise ValueError(f"on_conflict={policy!r}: must be one of {CONFLICT_POLICIES}")
         request = EditRequest.coerce({"prompt": prompt, "target": target,
                                       **({"subject": subject} if subject is not None else {})})
         start = time.perf_counter()
         inputs = editing.encode_edit(self, request)
-        owners_before = self.layer.column_usage() if self.config.column_protection > 0 else None
         with editing.EditTransaction(self) as txn:
+            replaced = tuple(conflicts.find_conflicts(self, request)) if policy == "supersede" else ()
+            for old in replaced:
+                self._forget(old)
+            owners_before = self.layer.column_usage() if self.config.column_protection > 0 else None
             edit_id, row = self._store_mask(inputs.packed, request)  # drops the keys of an edit it replaces
             preserved, basis = editing.preservation_basis(self, inputs, txn)
             transforms = editing.gradient_transforms(self.config, self.layer.memory, inputs, owners_before, basis)
@@ -279,7 +288,28 @@ class MemoirEditor(PromptRouting):
                     self.layer.subject.add(edit_id, self._subject_keys(request))
             self.calibrate_threshold()
         return EditResult(edit_id, request.prompt, request.target, steps, loss, time.perf_counter() - start,
-                          tuple(preserved))
+                          tuple(preserved), replaced)
+
+    def conflicts(self, prompt: str, subject: str | None = None) -> list[int]:
+        """Ids of the stored edits that ask the same question as ``prompt`` (what ``supersede`` replaces)."""
+        return conflicts.find_conflicts(self, EditRequest(prompt, "", subject))
+
+    def remove(self, edit_id: int) -> None:
+        """Forget a stored edit: it no longer routes (its memory columns stay, shared with others)."""
+        if edit_id not in self.edits:
+            raise KeyError(f"no stored edit {edit_id}; stored: {sorted(self.edits)}")
+        with editing.EditTransaction(self):
+            self._forget(edit_id)
+            self.calibrate_threshold()
+
+    def _forget(self, edit_id: int) -> None:
+        """Drop an edit's bank row, keys and record (inside a transaction)."""
+        row = self.layer.bank.edit_ids.index(edit_id)
+        self.layer.bank.remove_row(row)
+        self.keys.pop(edit_id)
+        if self.layer.subject is not None:
+            self.layer.subject.pop(edit_id)
+        self.edits.pop(edit_id, None)
 
     def _store_mask(self, packed: torch.Tensor, request: EditRequest) -> tuple[int, int]:
         """Record the edit and its mask; returns ``(edit id, bank row)``."""
@@ -299,7 +329,7 @@ class MemoirEditor(PromptRouting):
         self.edits[edit_id] = request
         return edit_id, row
 
-    def edit_many(self, requests, progress: bool = True) -> list[EditResult]:
+    def edit_many(self, requests, progress: bool = True, on_conflict: str | None = None) -> list[EditResult]:
         """Apply a stream of edits one after another (``EditRequest``, dicts or pairs)."""
         from tqdm.auto import tqdm
 
@@ -307,7 +337,7 @@ class MemoirEditor(PromptRouting):
         results = []
         bar = tqdm(requests, desc="editing", unit="edit", disable=not progress)
         for r in bar:
-            results.append(self.edit(r.prompt, r.target, r.subject))
+            results.append(self.edit(r.prompt, r.target, r.subject, on_conflict))
             bar.set_postfix(loss=f"{results[-1].loss:.3f}", steps=results[-1].steps)
         return results
 

@@ -69,7 +69,8 @@ def save_editor(editor, path) -> None:
                 "model_type": getattr(editor.model.config, "model_type", None),
                 "weight_sha256": weight_fingerprint(layer.base.weight),
             },
-            "edits": [{"edit_id": i, "prompt": r.prompt, "target": r.target} for i, r in editor.edits.items()],
+            "edits": [{"edit_id": i, "prompt": r.prompt, "target": r.target, "subject": r.subject}
+                      for i, r in editor.edits.items()],
             "next_edit_id": editor._next_id,
             "context_templates": editor._templates,
             "state_sha256": _sha256(tmp / STATE_FILE),
@@ -104,7 +105,7 @@ def load_editor(cls, model, tokenizer, path):
             layer.memory.copy_(state["memory"].to(layer.memory.dtype))
             layer.permutation.copy_(state["permutation"])
         layer.bank.load(state["bank_words"], state["bank_edit_ids"].tolist())
-        editor.edits = {e["edit_id"]: EditRequest(e["prompt"], e["target"]) for e in meta["edits"]}
+        editor.edits = {e["edit_id"]: EditRequest(e["prompt"], e["target"], e["subject"]) for e in meta["edits"]}
         editor.keys.load(state, layer.memory.device)
         if layer.subject is not None:
             if "subject_keys" not in state:

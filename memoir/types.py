@@ -36,6 +36,7 @@ class EditResult:
     loss: float
     seconds: float
     preserved: tuple[int, ...] = ()  # earlier edits whose keys this edit's update left unchanged
+    replaced: tuple[int, ...] = ()  # earlier edits asking the same question, removed (on_conflict="supersede")
 
 
 @dataclass

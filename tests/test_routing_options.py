@@ -96,5 +96,7 @@ def test_eval_cli_threshold_arguments():
 
     cfg = _load_configs(parse("--preset", "reference", "--threshold", "0.45", "--threshold-mode", "auto"))[0]
     assert cfg.threshold == 0.45 and cfg.threshold_mode == "auto"
+    assert cfg.on_conflict == "keep", "memoir eval keeps conflicting edits unless told"
+    assert _load_configs(parse("--preset", "reference", "--on-conflict", "supersede"))[0].on_conflict == "supersede"
     with pytest.raises(SystemExit):
         parse("--threshold", "auto")

@@ -103,3 +103,28 @@ def test_a_teacher_forced_target_cannot_make_its_prompt_eligible():
         ed.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         eligible = ed.layer.last_route.rows.tolist()
     assert eligible == [0], "with the answer inside the prompt the subject must be found"
+
+
+def test_a_repeated_question_supersedes_its_edit_and_keep_keeps_both():
+    ed = editor_with("subject")
+    first = ed.edit("the capital of japan is", "rome", "japan")
+    other = ed.edit("japan is located in", "spain", "japan")  # same subject, another relation
+    assert first.replaced == () and other.replaced == ()
+    again = ed.edit("the capital city of japan is", "paris", "japan")
+    assert again.replaced == (first.edit_id,)
+    assert sorted(ed.edits) == [other.edit_id, again.edit_id]
+    assert ed.retrieve(["the capital of japan is"])[0].edit_id == again.edit_id
+    assert ed.generate(["the capital of japan is"], max_new_tokens=1)[0].strip() == "paris"
+    kept = editor_with("subject")
+    kept.edit("the capital of japan is", "rome", "japan")
+    assert kept.edit("the capital city of japan is", "paris", "japan", on_conflict="keep").replaced == ()
+    assert len(kept.layer.bank) == 2
+
+
+def test_remove_forgets_an_edit():
+    ed = editor_with("subject")
+    r = ed.edit(*EDIT)
+    with pytest.raises(KeyError, match="no stored edit 7"):
+        ed.remove(7)
+    ed.remove(r.edit_id)
+    assert ed.retrieve([EDIT[0]])[0].edit_id is None and len(ed.layer.subject) == 0 and not ed.edits

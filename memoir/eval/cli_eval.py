@@ -46,6 +46,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="MEMOIR: " + field_help("threshold"))
     p.add_argument("--threshold-mode", choices=("fixed", "auto"), default=None,
                    help="MEMOIR: " + field_help("threshold_mode"))
+    p.add_argument("--on-conflict", choices=("keep", "supersede"), default=None,
+                   help="MEMOIR: an edit repeating a stored edit's question keeps both (default here, as the "
+                        "published protocol scores them) or supersedes the stored one (the editor's default)")
     p.add_argument("--ft-lr", type=float, default=None, help="FT-L Adam learning rate (default 5e-4)")
     p.add_argument("--grace-eps", type=float, default=None, help="GRACE initial deferral radius (default 1.0)")
     p.add_argument("--grace-lr", type=float, default=None, help="GRACE value learning rate (default 1.0)")
@@ -91,18 +94,21 @@ def _load_configs(args):
     from memoir.config import PRESET_DIR, MemoirConfig, read_mapping
 
     ft_data, grace_data = {}, {}
+    told = False  # whether a config file chose on_conflict itself
     if args.config:
         data = read_mapping(args.config)
         ft_data = data.pop("ft", None) or {}
         grace_data = data.pop("grace", None) or {}
         mcfg = MemoirConfig.from_mapping(data, source=args.config)
+        told = "on_conflict" in data
     elif args.preset:
         mcfg = MemoirConfig.preset(args.preset)
     elif args.model == "smollm2" and (PRESET_DIR / "smollm2.yaml").exists():
         mcfg = MemoirConfig.preset("smollm2")
     else:
         mcfg = MemoirConfig()
-    overrides = {}
+    # The published protocol scores every edit of the stream: conflicting edits are kept unless asked.
+    overrides = {"on_conflict": args.on_conflict or (mcfg.on_conflict if told else "keep")}
     if args.layer is not None:
         overrides["layer"] = args.layer
     if args.n_iter is not None:
@@ -111,8 +117,7 @@ def _load_configs(args):
         overrides["threshold"] = args.threshold
     if args.threshold_mode is not None:
         overrides["threshold_mode"] = args.threshold_mode
-    if overrides:
-        mcfg = MemoirConfig.from_dict({**mcfg.to_dict(), **overrides})
+    mcfg = MemoirConfig.from_dict({**mcfg.to_dict(), **overrides})
     ft_data.setdefault("n_iter", mcfg.n_iter)
     grace_data.setdefault("n_iter", mcfg.n_iter)
     if args.n_iter is not None:
