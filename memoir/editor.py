@@ -6,6 +6,7 @@ import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from memoir import conflicts, editing, persist, subject_router
@@ -171,6 +172,8 @@ class MemoirEditor(PromptRouting):
             s, o = self._subject_states(texts=texts[i:i + 16])
             states.append(s[o])
         self.layer.subject.mean = torch.cat(states).mean(0).to(self.device)
+        # Background token states, to tell which tokens of a prompt without a subject are specific.
+        self._background_states = F.normalize(torch.cat(states).to(self.device) - self.layer.subject.mean, dim=-1)
 
     def _subject_states(self, input_ids=None, attention_mask=None, texts: list[str] | None = None):
         """``(states [B, S', d], own [B, S'])`` of ``PREFIX + text`` at the subject layer, for ``texts``
@@ -207,8 +210,8 @@ class MemoirEditor(PromptRouting):
     @torch.no_grad()
     def _subject_keys(self, request: EditRequest) -> list[torch.Tensor]:
         """Key groups of one edit, each ``[m, d]``: the states of the subject's tokens as given and
-        lower-cased; without a subject (or one not found in the prompt), the two prompt tokens that
-        stand out most from the background, each a group of its own."""
+        lower-cased; without a subject (or one not found in the prompt), one group of the prompt's most
+        specific tokens (:meth:`_specific_tokens`)."""
         variants = [(request.prompt, request.subject)]
         if request.subject and request.subject.lower() != request.subject and request.subject in request.prompt:
             variants.append((request.prompt.replace(request.subject, request.subject.lower(), 1),
@@ -223,11 +226,18 @@ class MemoirEditor(PromptRouting):
             if pos:
                 groups.append(states[pos])
             elif not groups:
-                _, _, own = subject_router.prefixed_batch(self.tokenizer, [prompt], self.device)
-                mine = states[own[0]]
-                stand_out = (mine - self.layer.subject.mean.to(mine.device)).norm(dim=-1)
-                groups.extend(mine[i:i + 1] for i in stand_out.topk(min(2, len(mine))).indices.tolist())
+                groups.append(self._specific_tokens(prompt, states))
         return groups
+
+    def _specific_tokens(self, prompt: str, states: torch.Tensor, n: int = 3) -> torch.Tensor:
+        """States ``[m, d]`` of the ``n`` prompt tokens least like any background token (names, not
+        "city" or "located"): the key group of an edit given without a subject, in prompt order."""
+        _, _, own = subject_router.prefixed_batch(self.tokenizer, [prompt], self.device)
+        mine = states[own[0]]
+        q = F.normalize(mine - self.layer.subject.mean.to(mine.device), dim=-1)
+        likeness = (q @ self._background_states.T).amax(dim=1)
+        picked = likeness.topk(min(n, len(mine)), largest=False).indices.sort().values
+        return mine[picked]
 
     # ------------------------------------------------------------------ context templates
     @torch.no_grad()

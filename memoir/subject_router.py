@@ -145,7 +145,7 @@ def subject_positions(tokenizer, prompt: str, subject: str | None) -> tuple[list
     """Token ids of ``PREFIX + prompt`` and the positions of the subject's tokens in them.
 
     Empty positions when there is no subject or it is not in the prompt: the caller falls back to
-    the prompt tokens whose states stand out most from the background.
+    the prompt tokens least like any background token (``MemoirEditor._specific_tokens``).
     """
     text = PREFIX + prompt
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)

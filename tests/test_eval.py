@@ -694,7 +694,7 @@ def test_model_digest_tracks_weights_and_records_key(tiny_model_dir):
 
 
 def test_run_eval_script_names_runs_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
-    """benchmarks/run_eval.sh end to end on the tiny model: MEMOIR outputs carry MEMOIR_NAME,
+    """experiments/run_eval.sh end to end on the tiny model: MEMOIR outputs carry MEMOIR_NAME,
     existing outputs are skipped, and a run whose snapshot was left by a crash is resumed."""
     import os
     import pathlib
@@ -721,7 +721,7 @@ def test_run_eval_script_names_runs_and_resumes(tmp_path, tiny_model_dir, monkey
     env.pop("THREADS", None)
 
     def run_script():
-        proc = subprocess.run(["bash", str(repo / "benchmarks" / "run_eval.sh")], env=env, cwd=repo,
+        proc = subprocess.run(["bash", str(repo / "experiments" / "run_eval.sh")], env=env, cwd=repo,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         return proc.stdout

@@ -76,3 +76,35 @@ def test_default_editor_picks_the_preset_and_edits_twenty_zsre_facts(smollm2):
         assert sum(hits) / len(hits) >= 0.90, hits
     finally:
         editor.unload()
+
+
+def test_subject_router_finds_the_subject_in_other_forms_and_not_in_neighbours(smollm2):
+    """router: subject on the real model: lower case, possessive and article forms of the subject reach
+    the edit, same-wording prompts about other subjects do not (experiments/subject_forms_probe.py
+    measures these forms on the whole CounterFact file)."""
+    model, tok = smollm2
+    cfg = memoir.MemoirConfig(**{**memoir.MemoirConfig.preset("smollm2").to_dict(), "router": "subject",
+                                 "threshold": 0.0})
+    editor = memoir.MemoirEditor(model, tok, cfg)
+    try:
+        editor.edit("The capital of Japan is", "Nairobi", "Japan")
+        editor.edit("Romeo and Juliet was written by", "Charles Dickens", "Romeo and Juliet")
+        editor.edit("The Eiffel Tower is located in the city of", "Rome")  # no subject given
+        routed = {p: r.edit_id for p, r in zip(PROBES, editor.retrieve(list(PROBES)))}
+        assert routed == PROBES, routed
+    finally:
+        editor.unload()
+
+
+PROBES = {
+    "the capital of japan is": 0,                                   # lower case
+    "Japan's capital city is": 0,                                   # possessive
+    "Tell me about the United States. The capital of Japan is": 0,  # a prefix sentence
+    "Who wrote romeo and juliet? It was written by": 1,
+    "The play Romeo and Juliet is by": 1,
+    "The Eiffel Tower is located in the city of": 2,
+    "The capital of France is": None,                               # same wording, other subjects
+    "The capital of Kenya is": None,
+    "Hamlet was written by": None,
+    "The Louvre is located in the city of": None,
+}

@@ -37,11 +37,12 @@ def test_edit_without_subject_still_routes_its_prompt():
     ed = editor_with("subject")
     ed.edit_many([EditRequest("the eiffel tower is located in the city of", "rome")], progress=False)
     assert ed.retrieve(["the eiffel tower is located in the city of"])[0].edit_id == 0
-    assert ed.layer.subject.keys.shape[0] == 2  # the two prompt tokens that stand out most
+    assert ed.layer.subject.keys.shape[0] == 3  # one group of the prompt's three most specific tokens
+    assert ed.layer.subject.groups.unique().numel() == 1
 
 
 def test_two_edits_on_one_subject_are_told_apart_by_the_mask():
-    ed = editor_with("subject")
+    ed = editor_with("subject", on_conflict="keep")
     ed.edit("the capital of japan is", "rome", "japan")
     ed.edit("japan is located in", "spain", "japan")
     got = [r.edit_id for r in ed.retrieve(["the capital of japan is", "japan is located in"])]
@@ -106,7 +107,8 @@ def test_a_teacher_forced_target_cannot_make_its_prompt_eligible():
 
 
 def test_a_repeated_question_supersedes_its_edit_and_keep_keeps_both():
-    ed = editor_with("subject")
+    # Relation overlaps on this tiny random model: capital / capital city 0.67, capital / located 0.41.
+    ed = editor_with("subject", conflict_threshold=0.5)
     first = ed.edit("the capital of japan is", "rome", "japan")
     other = ed.edit("japan is located in", "spain", "japan")  # same subject, another relation
     assert first.replaced == () and other.replaced == ()
@@ -115,7 +117,7 @@ def test_a_repeated_question_supersedes_its_edit_and_keep_keeps_both():
     assert sorted(ed.edits) == [other.edit_id, again.edit_id]
     assert ed.retrieve(["the capital of japan is"])[0].edit_id == again.edit_id
     assert ed.generate(["the capital of japan is"], max_new_tokens=1)[0].strip() == "paris"
-    kept = editor_with("subject")
+    kept = editor_with("subject", conflict_threshold=0.5)
     kept.edit("the capital of japan is", "rome", "japan")
     assert kept.edit("the capital city of japan is", "paris", "japan", on_conflict="keep").replaced == ()
     assert len(kept.layer.bank) == 2

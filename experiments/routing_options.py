@@ -6,9 +6,9 @@ of every edit prompt (the bank), rephrase and unrelated NQ ``loc`` prompt, for t
 - top1_own: a rephrase's best match is its own edit (the generalisation ceiling of top-1 routing),
 - gen_hit: top1_own and score >= tau; loc_fp: a loc prompt's best score >= tau (hurts locality),
 at tau = 0.4 (the preset) and tau = "auto" (best background-text overlap with the bank + margin,
-as ``MemoirEditor.calibrate_threshold`` computes it).  Writes benchmarks/results/routing_options.json.
+as ``MemoirEditor.calibrate_threshold`` computes it).  Writes experiments/results/routing_options.json.
 
-    python benchmarks/routing_options.py [--n 732]
+    PYTHONPATH=. python experiments/routing_options.py [--n 732]
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=732)
     ap.add_argument("--margin", type=float, default=MemoirConfig().threshold_margin)
-    ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "routing_options.json"))
+    ap.add_argument("--output", default=str(ROOT / "experiments" / "results" / "routing_options.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     records = json.loads(ZSRE.read_text())[: args.n]

@@ -5,9 +5,9 @@ background texts: the edited layer's per-token inputs, z-scored with the backgro
 (the smollm2 preset's features).  Each pooling over the prompt tokens gives a feature, its top-k
 the mask; with the whole file as the bank it reports top1_own (a rephrase's best match is its own
 edit), gen_hit / loc_fp at the automatic threshold and at 0.4, and the mean overlap between edit
-masks.  Writes benchmarks/results/pooling_sweep.json.
+masks.  Writes experiments/results/pooling_sweep.json.
 
-    python benchmarks/pooling_sweep.py
+    PYTHONPATH=. python experiments/pooling_sweep.py
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from memoir import MemoirConfig, MemoirEditor, load_model
 from memoir.machine import machine_info
-from routing_options import layer_inputs  # same folder: python benchmarks/pooling_sweep.py
+from routing_options import layer_inputs  # same folder: PYTHONPATH=. python experiments/pooling_sweep.py
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ZSRE = ROOT.parent / "shared" / "data" / "zsre" / "zsre_mend_eval_portability_gpt4.public.json"
@@ -90,7 +90,7 @@ def main():
                          "loc_fp_0.4": float((loc >= 0.4).float().mean()),
                          "edit_mask_overlap_mean": float((pair.sum() - pair.diagonal().sum()) / (n * (n - 1)))})
             print(rows[-1], flush=True)
-    out = ROOT / "benchmarks" / "results" / "pooling_sweep.json"
+    out = ROOT / "experiments" / "results" / "pooling_sweep.json"
     out.write_text(json.dumps({"model": "smollm2", "layer": editor.target.layer_index, "n": len(records),
                                "seconds": time.time() - t0, "machine": machine_info(), "rows": rows}, indent=1))
     print(f"wrote {out}")

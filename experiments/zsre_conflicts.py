@@ -7,9 +7,9 @@
 3. Every finished run on the file (``zsre_*_n<N>.json`` under benchmarks/results/eval/): Rel, Gen and
    how often a rephrase is routed to its own edit, split by conflict class.
 
-Writes benchmarks/results/zsre_conflicts.json.
+Writes experiments/results/zsre_conflicts.json.
 
-    python benchmarks/zsre_conflicts.py [--n 732]
+    PYTHONPATH=. python experiments/zsre_conflicts.py [--n 732]
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=732)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--runs", default=str(RESULTS / "eval"), help="folder of memoir eval JSONs")
-    ap.add_argument("--output", default=str(RESULTS / "zsre_conflicts.json"))
+    ap.add_argument("--output", default=str(ROOT / "experiments" / "results" / "zsre_conflicts.json"))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
 

@@ -15,9 +15,9 @@ the public ZsRE file, with the whole file as the bank, per layer:
   tau from the background texts) for mask and rerank; for cosine, the automatic gate is the best
   background cosine plus 0.02.
 
-Writes benchmarks/results/rerank_probe.json.
+Writes experiments/results/rerank_probe.json.
 
-    python benchmarks/rerank_probe.py [--layers 20 24 27] [--n 732]
+    PYTHONPATH=. python experiments/rerank_probe.py [--layers 20 24 27] [--n 732]
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def main():
         row = {"layer": layer, **evaluate(z, cfg.top_k, cfg.threshold_margin)}
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    out = ROOT / "benchmarks" / "results" / "rerank_probe.json"
+    out = ROOT / "experiments" / "results" / "rerank_probe.json"
     out.write_text(json.dumps({"model": "smollm2", "n": len(records), "edited_layer": editor.target.layer_index,
                                "seconds": time.time() - t0, "machine": machine_info(), "rows": rows}, indent=1))
     print(f"wrote {out}")

@@ -5,9 +5,9 @@ edit prompt (the bank), of its rephrase and of its unrelated NQ `loc` prompt, th
 - gen_hit(tau): the rephrase's best match is its own edit and scores >= tau (generalisation bound),
 - loc_fp(tau): the loc prompt's best score >= tau (a false positive hurts locality),
 - the median overlap of unrelated pairs of edit prompts (minimal-overwrite: lower is better).
-Writes benchmarks/results/sweep_routing.json.  Only the public ZsRE file is used.
+Writes experiments/results/sweep_routing.json.  Only the public ZsRE file is used.
 
-    python benchmarks/sweep_routing.py --n 200
+    PYTHONPATH=. python experiments/sweep_routing.py --n 200
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--layers", default="18,21,24,25,27")
-    ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "sweep_routing.json"))
+    ap.add_argument("--output", default=str(ROOT / "experiments" / "results" / "sweep_routing.json"))
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
     records = json.loads(ZSRE.read_text())[: args.n]
