@@ -210,7 +210,7 @@ class KeyStore(GrowingBuffers):
         }
 
     def load(self, state: dict[str, torch.Tensor], device=None) -> None:
-        """Restore from ``state()``; also reads the dense ``keys`` rows that earlier versions saved."""
+        """Restore from ``state()``."""
         for i in self.ids():
             self.pop(i)
         self.key_dim = torch.tensor([-1], dtype=torch.int64, device=self.key_dim.device if device is None else device)
@@ -218,10 +218,6 @@ class KeyStore(GrowingBuffers):
             return
         ids = state["key_edit_ids"].tolist()
         counts = state["key_counts"].tolist()
-        if "keys" in state:  # dense rows (saved before keys were stored sparse)
-            for i, rows in zip(ids, torch.split(state["keys"], counts)):
-                self.add(int(i), rows.to(device) if device is not None else rows)
-            return
         self.key_dim = torch.tensor([int(state["key_dim"][0])], dtype=torch.int64, device=self.key_dim.device)
         col_counts = state["key_col_counts"].tolist()
         all_cols = torch.split(state["key_cols"].long(), col_counts)

@@ -5,7 +5,6 @@ import pathlib
 import warnings
 
 import pytest
-import torch
 
 from memoir import MemoirConfig, MemoirEditor, config as config_mod
 from memoir.models import model_signature

@@ -567,33 +567,6 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, me
         assert a[key] == pytest.approx(b[key]), key
 
 
-def test_checkpoint_from_before_an_option_existed_resumes(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    """A config key missing from an older checkpoint means the option was off: resumable iff still default."""
-    from memoir.eval import methods
-    from memoir.eval.cli_eval import main
-
-    data = _write(tmp_path, "zsre.json", CLI_DATA + [dict(ZSRE, src="The tallest mountain is", alt="Mont Blanc")])
-    out = tmp_path / "cut.json"
-    real_edit = _crash_edits_at(monkeypatch, methods.MemoirMethod, 3)
-    with pytest.raises(_Crash):
-        main(_eval_argv(tiny_model_dir, data, "memoir", out, "--checkpoint-every", "2"))
-    monkeypatch.setattr(methods.MemoirMethod, "edit", real_edit)
-    progress = tmp_path / "cut.json.partial" / "progress.json"
-    doc = json.loads(progress.read_text())
-    config = doc["fingerprint"]["config"]
-    assert config["preserve_energy"] == 0.0 and config["n_iter"] == 3
-    # An option at a non-default value (n_iter 3, default 30) that the checkpoint does not mention: refused.
-    del config["preserve_energy"], config["n_iter"]
-    progress.write_text(json.dumps(doc))
-    assert main(_eval_argv(tiny_model_dir, data, "memoir", out, "--resume")) == 2
-    assert "differs in: config" in capsys.readouterr().err
-    # Only the option that is still at its default is missing: the run goes on.
-    config["n_iter"] = 3
-    progress.write_text(json.dumps(doc))
-    assert main(_eval_argv(tiny_model_dir, data, "memoir", out, "--resume")) == 0
-    assert json.loads(out.read_text())["resumed_at"] == [2]
-
-
 def test_plot_series_separates_variants_of_one_method():
     from memoir.eval.plot import series
 
@@ -613,14 +586,9 @@ def test_plot_series_separates_variants_of_one_method():
     assert len(preset_lines) == 2
     assert sorted(len(data[k]) for k in preset_lines) == [1, 2]
     assert [n for n, _ in data[("ft", "zsre")]] == [10, 100]  # the MEMOIR preset name does not split a baseline
-    # one config reached through a YAML and, later, as the preset: one line that names both
-    same = series([result(50, "cfg/smollm2_candidate.yaml", {"k": 4}), result(600, "preset:smollm2", {"k": 4})])
-    assert list(same) == [("memoir (preset smollm2 = smollm2_candidate)", "zsre")]
-    assert [n for n, _ in same[("memoir (preset smollm2 = smollm2_candidate)", "zsre")]] == [50, 600]
-    # an option added after the first run was saved, at its default in the second: still one line
-    added = series([result(25, "cfg/c.yaml", {"top_k": 4}), result(75, "cfg/c.yaml", {"top_k": 4, "preserve_energy_after": 0}),
-                    result(75, "cfg/c.yaml", {"top_k": 4, "preserve_energy_after": 200})])
-    assert sorted(len(v) for v in added.values()) == [1, 2]
+    # one config reached under two names: one line (labelled by the first run)
+    same = series([result(50, "cfg/other.yaml", {"k": 4}), result(600, "preset:smollm2", {"k": 4})])
+    assert len(same) == 1 and len(next(iter(same.values()))) == 2
 
 
 def test_age_profile_averages_records_by_edit_position():

@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memoir.atomic import atomic_folder
-from memoir.eval.methods import with_defaults
 from memoir.eval.runner import json_default
 
 PROGRESS_FILE = "progress.json"
@@ -53,15 +52,6 @@ def default_path(output) -> pathlib.Path:
     return output.with_name(output.name + ".partial")
 
 
-def _fill_new_options(fingerprint: dict, method) -> dict:
-    """A checkpoint written before a config option existed ran without it: fill in its default."""
-    config = fingerprint.get("config")
-    if not isinstance(config, dict):
-        return fingerprint
-    filled = with_defaults(method.name, config)
-    return {**fingerprint, "config": json.loads(json.dumps(filled, default=json_default))}
-
-
 class RunCheckpoint:
     """The checkpoint directory of one run (``fingerprint`` from :func:`run_fingerprint`)."""
 
@@ -85,7 +75,7 @@ class RunCheckpoint:
             doc = json.loads((self.path / PROGRESS_FILE).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{self.path}: unreadable checkpoint ({e}); delete it to start over") from None
-        saved = _fill_new_options(doc.get("fingerprint", {}), method)
+        saved = doc.get("fingerprint", {})
         if saved != self.fingerprint:
             diff = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
             raise ValueError(f"{self.path} belongs to a different run (differs in: {', '.join(diff)}); "

@@ -21,23 +21,6 @@ from memoir.eval import metrics
 METHODS = ("memoir", "ft", "grace")
 
 
-def default_config(name: str) -> dict:
-    """Every option of method ``name``'s config at its default; ``{}`` for a name this version lacks.
-
-    A run saved before an option existed ran without it: its config is this with the saved one on top.
-    """
-    from memoir.baselines import FTConfig, GraceConfig
-    from memoir.config import MemoirConfig
-
-    config_class = {"memoir": MemoirConfig, "ft": FTConfig, "grace": GraceConfig}.get(name)
-    return config_class().to_dict() if config_class is not None else {}
-
-
-def with_defaults(name: str, config: dict) -> dict:
-    """A saved config of method ``name`` with every option it predates at its default."""
-    return {**default_config(name), **config}
-
-
 class _Base:
     name = "base"
 

@@ -30,11 +30,7 @@ def load_results(paths) -> list[dict]:
 
 
 def _config_digest(r: dict) -> str:
-    from memoir.eval.methods import with_defaults
-
-    # An option added after a run was saved is filled in at its default (the run ran without it),
-    # so the run and a later one of the same config are one line.
-    config = with_defaults(r["method"], r.get("config") or {})
+    config = dict(r.get("config") or {})
     config.pop("threshold_final", None)
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
@@ -59,8 +55,7 @@ def series(results: list[dict], curve: bool = False):
     """``{(run label, dataset): [(n_edits, summary dict), ...]}`` sorted by n_edits.
 
     Runs are grouped by method *and* config, so variants of one method (and results of a preset that
-    changed between runs) are separate lines; one config reached by two names (a YAML that later
-    became the preset) is one line naming both, and a label shared by different configs gets the
+    changed between runs) are separate lines, and a label shared by different configs gets the
     config's short hash.
     """
     by_config = defaultdict(list)
@@ -68,8 +63,8 @@ def series(results: list[dict], curve: bool = False):
         by_config[(r["method"], pathlib.Path(r.get("data", "?")).stem, _config_digest(r))].append(r)
     labels = {}
     for key, runs in by_config.items():
-        names = sorted({n for n in map(_config_name, runs) if n is not None})
-        labels[key] = f"{key[0]} ({' = '.join(names)})" if names else key[0]
+        name = _config_name(runs[0])
+        labels[key] = key[0] if name is None else f"{key[0]} ({name})"
     clashes = Counter((labels[key], key[1]) for key in by_config)
     groups = defaultdict(list)
     for (method, dataset, digest), runs in by_config.items():
