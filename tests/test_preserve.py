@@ -91,20 +91,6 @@ def test_sparse_keys_match_the_dense_computation():
         store.add(99, torch.zeros(2, d + 1))
 
 
-def test_keys_saved_dense_by_earlier_versions_still_load():
-    rows = {3: torch.tensor([[0.0, 2.0, 0.0, -1.0]]), 7: torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]])}
-    old_state = {"key_edit_ids": torch.tensor([3, 7]), "key_counts": torch.tensor([1, 2]),
-                 "keys": torch.cat(list(rows.values()))}
-    store = KeyStore()
-    store.load(old_state)
-    assert store.ids() == [3, 7] and store.dim == 4
-    for i, r in rows.items():
-        torch.testing.assert_close(store.dense(i), r, rtol=0, atol=0)
-    again = KeyStore()
-    again.load(store.state())  # and round-trips in the new format
-    assert all(torch.equal(again.dense(i), r) for i, r in rows.items())
-
-
 def test_within_rank_keeps_the_longest_prefix_that_fits():
     store = KeyStore()
     d = 10
