@@ -207,7 +207,8 @@ class MemoirConfig(DictFields):
                               "the query mentions are eligible, then the best overlap >= tau")
     subject_layer: int = option(4, kind=int, low=1, help="router subject: hidden states after this many layers")
     subject_threshold: float = option(0.95, kind=float, low=-1.0, high=1.0,
-                                      help="router subject: cosine a query token needs with an edit's subject key")
+                                      help="router subject: the mean over an edit's subject tokens of their best cosine "
+                                           "with a query token must reach this")
     on_conflict: str = option("supersede", kind=str, choices=CONFLICT_POLICIES,
                               help="a new edit asking a stored edit's question (same subject and relation): "
                                    "`supersede` removes the stored one, `keep` keeps both (memoir.conflicts)")

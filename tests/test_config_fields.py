@@ -92,7 +92,7 @@ def test_a_preset_for_another_model_warns():
     model, tok = tiny_model("llama")
     other = MemoirConfig.preset("smollm2")
     with pytest.warns(UserWarning, match="tuned for"):
-        MemoirEditor(model, tok, MemoirConfig(**{**other.to_dict(), "layer": 1, "top_k": 20}),
+        MemoirEditor(model, tok, MemoirConfig(**{**other.to_dict(), "layer": 2, "top_k": 20, "subject_layer": 1}),
                      background_texts=BACKGROUND).unload()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
