@@ -7,7 +7,7 @@ import torch
 import memoir
 from memoir.batching import build_batch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the model load counts in the first test
 
 RECORDS = [  # the demo's facts, with unrelated locality prompts
     {"src": "The Eiffel Tower is located in the city of", "alt": "Rome", "loc": "Water is made of hydrogen and"},
