@@ -195,6 +195,14 @@ def summarise(rows: list[dict]) -> dict:
         out["route_loc_any"] = metrics.mean(float(r["route_loc"] is not None) for r in rows if "route_loc" in r)
     out["mean"] = metrics.mean([out[k] for k in ("rel", "gen", "loc")])
     out["n"] = len(rows)
+    # on_conflict "supersede": an edit a later one replaced no longer answers with its own target, so
+    # the edits still stored are also scored on their own (``*_live``).
+    gone = {p for r in rows for p in (r.get("edit") or {}).get("replaced", [])}
+    if gone:
+        live = [r for r in rows if r.get("position") not in gone]
+        out["n_superseded"] = len(gone)
+        for key in ("rel", "gen", "rel_em", "gen_em"):
+            out[f"{key}_live"] = metrics.mean(r.get(key) for r in live)
     return out
 
 
