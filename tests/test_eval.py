@@ -777,10 +777,10 @@ def test_cli_eval_counterfact_reports_paraphrase_and_neighbour_columns(tmp_path,
 def test_summary_scores_the_edits_still_stored_after_supersede():
     from memoir.eval.runner import summarise
 
-    rows = [{"position": 0, "rel": 0.0, "gen": 0.0, "loc": 1.0, "edit": {}},
-            {"position": 1, "rel": 1.0, "gen": 0.5, "loc": 1.0, "edit": {"replaced": [0]}},
-            {"position": 2, "rel": 1.0, "gen": 1.0, "loc": 1.0, "edit": {}}]
-    out = summarise(rows)
+    rows = [{"position": 0, "rel": 0.0, "gen": 0.0, "loc": 1.0},
+            {"position": 1, "rel": 1.0, "gen": 0.5, "loc": 1.0},
+            {"position": 2, "rel": 1.0, "gen": 1.0, "loc": 1.0}]
+    out = summarise(rows, [{}, {"replaced": [0]}, {}])
     assert out["rel"] == pytest.approx(2 / 3) and out["n_superseded"] == 1
     assert out["rel_live"] == 1.0 and out["gen_live"] == 0.75
-    assert "n_superseded" not in summarise([dict(r, edit={}) for r in rows])
+    assert "n_superseded" not in summarise(rows, [{}, {}, {}])

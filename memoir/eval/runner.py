@@ -184,7 +184,9 @@ def _paraphrases_and_neighbours(method, records, rows, positions, pre_nbr, batch
             rows[i]["nbr_spec"] = metrics.mean(float(c == p) for c, p in zip(rows[i]["nbr_ids"], pre_nbr[i]))
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(rows: list[dict], edits: list[dict] | None = None) -> dict:
+    """Means over the per-edit rows; ``edits`` (what each edit returned, in stream order) tells which
+    edits later ones superseded."""
     out = {}
     for key in ("rel", "gen", "loc", "rel_ppl", "ood_acc", "rel_em", "gen_em", "gen_all", "route_gen_all",
                 "nbr_spec", "nbr_fire"):
@@ -197,7 +199,7 @@ def summarise(rows: list[dict]) -> dict:
     out["n"] = len(rows)
     # on_conflict "supersede": an edit a later one replaced no longer answers with its own target, so
     # the edits still stored are also scored on their own (``*_live``).
-    gone = {p for r in rows for p in (r.get("edit") or {}).get("replaced", [])}
+    gone = {p for e in edits or [] for p in e.get("replaced", [])}
     if gone:
         live = [r for r in rows if r.get("position") not in gone]
         out["n_superseded"] = len(gone)
@@ -271,7 +273,7 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
         if eval_every and (i + 1) % eval_every == 0 and (i + 1) < n:
             tc = time.perf_counter()
             sub = evaluate(method, records[: i + 1], kind, pre_loc, em=False, batch_size=batch_size, pre_nbr=pre_nbr)
-            curve.append({"n_edits": i + 1, **summarise(sub)})
+            curve.append({"n_edits": i + 1, **summarise(sub, edit_rows)})
             curve_seconds += time.perf_counter() - tc
         if checkpoint_every and ((i + 1) % checkpoint_every == 0 or i + 1 == n):
             save()
@@ -283,7 +285,7 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
     for row in rows:
         row.pop("nbr_ids", None)  # compared with the unedited ones above; too bulky for the result file
     eval_seconds = time.perf_counter() - t1
-    summary = summarise(rows)
+    summary = summarise(rows, edit_rows)
     if eval_every:
         curve.append({"n_edits": n, **{k: v for k, v in summary.items()}})
 
