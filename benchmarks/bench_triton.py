@@ -1,4 +1,4 @@
-"""GPU benchmark of the MEMOIR Triton kernels (issue #4) on a LLaMA-3-8B-shaped layer.
+"""GPU benchmark of the MEMOIR Triton kernels on a LLaMA-3-8B-shaped layer.
 
 Layer: mlp.down_proj with d = 4096 outputs, D = 14336 inputs, MEMOIR k = 4096, bf16.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 import numpy as np
 import torch
@@ -27,12 +28,10 @@ from memoir import MemoirConfig, MemoirEditor, load_model, subject_router
 from memoir.batching import build_batch
 from memoir.eval.datasets import load_records
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from subject_routing_sim import DATA  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DATA = {
-    "zsre": (ROOT.parent / "shared/data/zsre/zsre_mend_eval_portability_gpt4.public.json", "zsre"),
-    "counterfact": (ROOT.parent / "shared/data/counterfact/counterfact_portability_gpt4.public.json",
-                    "counterfact_rome"),
-}
 
 
 def subject_token_positions(tokenizer, prompt: str, subject: str) -> tuple[list[int], list[int]]:

@@ -1,4 +1,4 @@
-"""Triton kernels (issue #4): fused TopHash and the sparse residual-memory matmul.
+"""Triton kernels: fused TopHash and the sparse residual-memory matmul.
 
 Without CUDA these run in the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before imports), so shapes stay tiny.  Oracles: memoir.tophash /

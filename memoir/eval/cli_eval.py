@@ -1,4 +1,4 @@
-"""``memoir eval`` and ``memoir plot``: argparse registration for the lead's ``memoir.cli``.
+"""``memoir eval`` and ``memoir plot``: argparse registration for ``memoir.cli``.
 
     from memoir.eval.cli_eval import add_eval_parser, add_plot_parser
     add_eval_parser(subparsers); add_plot_parser(subparsers)   # each sets ``func(args) -> int``

@@ -82,7 +82,7 @@ def ood_accuracy(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: 
                  threshold: float = OOD_PROB_THRESHOLD) -> list[float]:
     """Per row: fraction of tokens (each real token after the first) whose probability > threshold.
 
-    This is EasyEdit's ``OOD_PPL`` (spec §6.3): the model is scored on the sequence alone
+    This is EasyEdit's ``OOD_PPL``: the model is scored on the sequence alone
     (no separate target), a token counts when ``-log p < -log threshold``.
     """
     logits = logits[:, :-1].float()

@@ -1,4 +1,4 @@
-"""The sequential (lifelong) editing protocol (spec §6.2) and its results JSON.
+"""The sequential (lifelong) editing protocol and its results JSON.
 
 1. Pre-edit pass with the unedited model: the Loc argmax snapshot of every record's locality
    answer, and the "pre" Rel/Gen scores.
@@ -14,8 +14,8 @@ Metrics per dataset kind (see ``memoir.eval.datasets.FORMAT_KIND``):
 * ``ppl`` (hallucination): ``rel_ppl`` = mean over edits of exp(mean target NLL) (lower is
   better), ``loc``; ``rel`` (token accuracy) is reported too; no ``gen``.
 * ``ood`` (temporal): ``rel`` = token accuracy of the target passage, ``gen`` = ``ood_acc`` =
-  fraction of the OOD-rephrase passage's tokens with probability > 0.8 (EasyEdit ``OOD_PPL``,
-  spec §6.3), ``loc``; ``rel_ppl`` too.
+  fraction of the OOD-rephrase passage's tokens with probability > 0.8 (EasyEdit ``OOD_PPL``),
+  ``loc``; ``rel_ppl`` too.
 
 ``mean`` = mean of ``rel``, ``gen``, ``loc`` where present.  Routing diagnostics (which edit
 each probe was routed to; MEMOIR and GRACE only): ``route_rel`` / ``route_gen`` = fraction of
