@@ -122,10 +122,12 @@ class MemoirLayer(Float32Buffers):
             span = torch.ones((b, s), dtype=torch.bool, device=acts.device)
         if len(self.bank) == 0:
             return Route.unrouted(b, acts.device)
-        if acts.dim() == 3 and backends.use_triton(acts):
-            from memoir.kernels import tophash_select
+        if acts.dim() == 3 and self.aggregation == "mean_decentered" and backends.use_triton(acts):
+            from memoir.kernels import tophash  # the features and the selection in two fused kernels
 
-            _, packed = tophash_select(self.features(acts, span.to(acts.device)), self.top_k, self.permutation)
+            scale = self.background_std if self.feature_scaling == "std" else None
+            _, packed = tophash(acts, span.to(acts.device), self.background_mean, self.top_k, self.permutation,
+                                scale)
         else:
             _, _, packed = self.query_masks(acts, span.to(acts.device))
         if eligible is not None and eligible.shape == (b, len(self.bank)):

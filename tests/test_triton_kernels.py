@@ -29,15 +29,17 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels cannot run here")
 
 
-def _oracle_tophash(acts, span, bg, k, perm):
+def _oracle_tophash(acts, span, bg, k, perm, scale=None):
     feat = prompt_features(acts, span, "mean_decentered", bg)
+    if scale is not None:  # the layer's feature_scaling "std" (memoir.layer.MemoirLayer.features)
+        feat = feat / scale
     cols, dense, packed = masks_from_features(feat, k, perm)
     return cols, dense, packed
 
 
-def _check_tophash(acts, span, bg, k, perm):
-    cols, packed = tophash(acts, span, bg, k, perm)
-    rc, rdense, rpacked = _oracle_tophash(acts, span, bg, k, perm)
+def _check_tophash(acts, span, bg, k, perm, scale=None):
+    cols, packed = tophash(acts, span, bg, k, perm, scale)
+    rc, rdense, rpacked = _oracle_tophash(acts, span, bg, k, perm, scale)
     assert cols.dtype == torch.int64 and packed.dtype == torch.int64
     assert torch.equal(cols.cpu(), rc.cpu())
     assert torch.equal(packed.cpu(), rpacked.cpu())
@@ -84,6 +86,24 @@ def test_tophash_matches_oracle_integer_ties(b, s, d, k):
     bg = (torch.randint(-2, 3, (d,), generator=g).float() / 4).to(DEV)
     perm = make_permutation(d, seed=d).to(DEV)
     _check_tophash(acts, span, bg, k, perm)
+
+
+@pytest.mark.parametrize("b,s,d,k", [(3, 5, 130, 17), (2, 3, 77, 77), (1, 1, 1, 1)])
+def test_tophash_scaled_features_match_oracle(b, s, d, k):
+    """Feature scaling: the division by the per-feature scale is correctly rounded, as torch's is,
+    and a scale that reorders features (large values divided by large scales) changes the mask."""
+    g = torch.Generator().manual_seed(d + k)
+    acts = torch.randint(-3, 4, (b, s, d), generator=g).float().to(DEV)
+    span = (torch.rand(b, s, generator=g) > 0.3).to(DEV)
+    span[:, 0] = True
+    bg = (torch.randint(-2, 3, (d,), generator=g).float() / 4).to(DEV)
+    scale = (0.1 + 3 * torch.rand(d, generator=g)).to(DEV)  # not powers of two
+    perm = make_permutation(d, seed=d).to(DEV)
+    _check_tophash(acts, span, bg, k, perm, scale)
+    if k < d:
+        assert not torch.equal(tophash(acts, span, bg, k, perm, scale)[1], tophash(acts, span, bg, k, perm)[1])
+    with pytest.raises(ValueError, match="scale"):
+        tophash(acts, span, bg, k, perm, scale[:-1] if d > 1 else scale.repeat(2))
 
 
 def test_tophash_empty_span_rows_and_no_background():

@@ -1,4 +1,4 @@
-"""Fused TopHash: masked prompt mean - background -> exact top-k by |.| -> permutation
+"""Fused TopHash: (masked prompt mean - background) / scale -> exact top-k by |.| -> permutation
 -> packed mask words and ascending memory columns.
 
 The oracle is :mod:`memoir.tophash` (``prompt_features`` + ``masks_from_features``);
@@ -20,11 +20,13 @@ def _check_perm(permutation: torch.Tensor, d: int) -> None:
         raise ValueError(f"permutation must be 1-D of length {d}, got shape {tuple(permutation.shape)}")
 
 
-def tophash_reference(acts, span, background, k, permutation):
+def tophash_reference(acts, span, background, k, permutation, scale=None):
     """PyTorch oracle: ``(cols int64[B, k] ascending, packed int64[B, W])``."""
     from memoir.tophash import masks_from_features, prompt_features
 
     feat = prompt_features(acts, span, "mean_decentered", background)
+    if scale is not None:
+        feat = feat / scale.to(feat.device, torch.float32)
     cols, _dense, packed = masks_from_features(feat, k, permutation)
     return cols, packed
 
@@ -76,11 +78,13 @@ def tophash(
     background: torch.Tensor | None,
     k: int,
     permutation: torch.Tensor,
+    scale: torch.Tensor | None = None,
 ):
     """TopHash masks for a batch of prompts.
 
     acts [B, S, D] (any float dtype, any strides), span [B, S] bool (the prompt tokens),
-    background [D] or None, permutation int64 [D].  Returns
+    background [D] or None, permutation int64 [D], scale [D] or None (the feature is divided
+    by it: the layer's ``feature_scaling: std``).  Returns
     ``(cols int64[B, k] sorted ascending, packed int64[B, ceil(D/64)])``.
     Rows with an empty span get the feature ``-background`` (as the oracle does).
     Falls back to the PyTorch oracle where Triton cannot run.
@@ -95,10 +99,12 @@ def tophash(
     _check_perm(permutation, d)
     if background is not None and tuple(background.shape) != (d,):
         raise ValueError(f"background must be [{d}], got shape {tuple(background.shape)}")
+    if scale is not None and tuple(scale.shape) != (d,):
+        raise ValueError(f"scale must be [{d}], got shape {tuple(scale.shape)}")
     if not acts.is_floating_point():
         raise TypeError(f"acts must be floating point, got {acts.dtype}")
     if not can_run_on(acts):
-        return tophash_reference(acts, span, background, k, permutation)
+        return tophash_reference(acts, span, background, k, permutation, scale)
 
     from memoir.kernels import _triton_kernels as tk
 
@@ -106,16 +112,17 @@ def tophash(
     feat = torch.empty((bsz, d), dtype=torch.float32, device=acts.device)
     if bsz > 0:
         bg = background.to(device=acts.device, dtype=torch.float32).contiguous() if background is not None else feat
+        sc = scale.to(device=acts.device, dtype=torch.float32).contiguous() if scale is not None else feat
         if interpreting():  # few, large tiles: the interpreter pays per operation
             block_d, block_s = min(1024, max(16, next_pow2(d))), min(16, max(2, next_pow2(seq)))
         else:  # enough programs to fill the GPU even for one long prompt
             block_d, block_s = 128, 16
         grid = (bsz, triton_cdiv(d, block_d))
         tk.tophash_feature_kernel[grid](
-            acts, span8, bg, feat, seq, d,
+            acts, span8, bg, sc, feat, seq, d,
             acts.stride(0), acts.stride(1), acts.stride(2),
             span8.stride(0), span8.stride(1),
-            HAS_BG=background is not None, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+            HAS_BG=background is not None, HAS_SCALE=scale is not None, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
         )
     return _select_launch(feat, k, permutation)
 

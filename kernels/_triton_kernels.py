@@ -16,13 +16,13 @@ import triton.language as tl
 # ============================================================================ TopHash
 @triton.jit
 def tophash_feature_kernel(
-    acts_ptr, span_ptr, bg_ptr, feat_ptr,
+    acts_ptr, span_ptr, bg_ptr, scale_ptr, feat_ptr,
     S, D,
     stride_ab, stride_as, stride_ad,
     stride_sb, stride_ss,
-    HAS_BG: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BG: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """feat[b, :] = mean over span rows of acts[b, s, :] (0 if empty) - background.
+    """feat[b, :] = (mean over span rows of acts[b, s, :] (0 if empty) - background) / scale.
 
     Grid (B, cdiv(D, BLOCK_D)); [BLOCK_S, BLOCK_D] tiles, tokens outside the span are
     masked off (never read); the per-token-lane partial sums are reduced at the end.
@@ -51,6 +51,8 @@ def tophash_feature_kernel(
     feat = tl.math.div_rn(total, tl.zeros([BLOCK_D], dtype=tl.float32) + tl.maximum(n, 1.0))
     if HAS_BG:
         feat = feat - tl.load(bg_ptr + offs, mask=dmask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        feat = tl.math.div_rn(feat, tl.load(scale_ptr + offs, mask=dmask, other=1.0).to(tl.float32))
     tl.store(feat_ptr + b * D + offs, feat, mask=dmask)
 
 

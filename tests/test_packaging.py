@@ -1,0 +1,50 @@
+"""The Triton kernels live in the top-level ``kernels/`` folder and install as ``memoir.kernels``,
+both in the editable install the test suite runs on and in a built wheel."""
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+import memoir
+import memoir.kernels
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+KERNEL_FILES = sorted(p.name for p in (REPO / "kernels").glob("*.py"))
+
+
+def test_kernels_folder_holds_the_kernel_modules():
+    assert "_triton_kernels.py" in KERNEL_FILES and "__init__.py" in KERNEL_FILES
+    assert not (REPO / "memoir" / "kernels").exists()
+
+
+def test_editable_install_imports_kernels_from_the_top_level_folder():
+    if pathlib.Path(memoir.__file__).resolve().parent != REPO / "memoir":
+        pytest.skip("memoir is not imported from this checkout")
+    assert pathlib.Path(memoir.kernels.__file__).resolve() == REPO / "kernels" / "__init__.py"
+
+
+@pytest.mark.timeout(600)
+def test_wheel_ships_kernels_as_memoir_kernels(tmp_path):
+    env = dict(os.environ, MEMOIR_SKIP_EXT="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", str(tmp_path), str(REPO)],
+        check=True, env=env, cwd=tmp_path, timeout=540,
+    )
+    (wheel,) = tmp_path.glob("memoir_edit-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        zf.extractall(tmp_path / "site")
+    assert {f"memoir/kernels/{f}" for f in KERNEL_FILES} <= names
+    assert not any(n.startswith("kernels/") for n in names)
+    assert "memoir/presets/smollm2.yaml" in names and "memoir/data/background.txt" in names
+    # Import from the unpacked wheel (first on the path), not from this checkout.
+    out = subprocess.run(
+        [sys.executable, "-c", "import memoir.kernels as k; print(k.__file__); print(k.tophash.__module__)"],
+        check=True, capture_output=True, text=True, cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")), timeout=120,
+    ).stdout.split()
+    assert pathlib.Path(out[0]).resolve() == (tmp_path / "site" / "memoir" / "kernels" / "__init__.py").resolve()
+    assert out[1] == "memoir.kernels._tophash"
