@@ -125,8 +125,8 @@ def test_weight_decay_scopes():
     only_second = full.layer.column_usage()
     # Columns owned only by the first edit shrank under whole-matrix decay.
     cols = (first.abs().sum(0) > 0) & (only_second == 1)
-    if cols.any():
-        assert full.layer.memory[:, cols].abs().sum() <= first[:, cols].abs().sum()
+    assert cols.any()  # the two edits own different columns too
+    assert full.layer.memory[:, cols].abs().sum() < first[:, cols].abs().sum()
 
 
 def test_routing_is_per_row_and_reused_during_decode():

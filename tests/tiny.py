@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers import (
     GemmaConfig,
@@ -37,36 +37,58 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def _config(family: str, vocab: int):
-    common = dict(vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+def bpe_tokenizer(sentences, vocab_size: int = 420) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``sentences`` (offline, well under a second): it encodes
+    any text, with GPT-2-style space handling, for tests of tokenisation-sensitive evaluation code."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(sentences) * 3, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.padding_side = "left"
+    return fast
+
+
+def _config(family: str, vocab: int, **overrides):
+    def make(cls, **kw):
+        kw.update(vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+        kw.update(overrides)
+        return cls(**kw)
+
     if family in ("llama", "mistral", "qwen2", "gemma"):
         cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "gemma": GemmaConfig}[family]
         extra = {"head_dim": 16} if family == "gemma" else {}
-        return cls(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=128, **extra, **common)
+        return make(cls, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, **extra)
     if family == "gpt2":
-        return GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=128, **common)
+        return make(GPT2Config, n_embd=64, n_layer=4, n_head=4, n_positions=128)
     if family == "gptj":
-        return GPTJConfig(n_embd=64, n_layer=4, n_head=4, n_positions=128, rotary_dim=8, **common)
+        return make(GPTJConfig, n_embd=64, n_layer=4, n_head=4, n_positions=128, rotary_dim=8)
     if family == "gpt_neox":
-        return GPTNeoXConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-                             max_position_embeddings=128, **common)
+        return make(GPTNeoXConfig, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                    max_position_embeddings=128)
     if family == "opt":
-        return OPTConfig(hidden_size=64, ffn_dim=160, num_hidden_layers=4, num_attention_heads=4,
-                         max_position_embeddings=128, word_embed_proj_dim=64, **common)
+        return make(OPTConfig, hidden_size=64, ffn_dim=160, num_hidden_layers=4, num_attention_heads=4,
+                    max_position_embeddings=128, word_embed_proj_dim=64)
     if family == "phi":
-        return PhiConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-                         max_position_embeddings=128, **common)
+        return make(PhiConfig, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                    max_position_embeddings=128)
     raise ValueError(family)
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2", "gptj", "gpt_neox", "opt", "phi")
 
 
-def tiny_model(family: str = "llama", seed: int = 0):
-    tok = tiny_tokenizer()
+def tiny_model(family: str = "llama", seed: int = 0, tokenizer=None, **config):
+    """A random model of ``family`` (frozen, eval mode) and its tokenizer (default: the word-level
+    one); ``config`` overrides fields of the model config."""
+    tok = tokenizer if tokenizer is not None else tiny_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(family, len(tok)))
+    model = AutoModelForCausalLM.from_config(_config(family, len(tok), **config))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
