@@ -66,7 +66,9 @@ def residual_linear_reference(a, w0, bias, memory, cols, active):
     ``F.linear(a, w0, bias) + F.linear(a * M[:, None, :], memory)``."""
     _check(a, w0, bias, memory, cols, active)
     mask = _dense_mask(cols.to(a.device), active.to(a.device), a.shape[-1], a.dtype)
-    return F.linear(a, w0, bias) + F.linear(a * mask[:, None, :], memory)
+    y = F.linear(a, w0, bias)
+    on = active.to(a.device).bool()[:, None, None]  # inactive rows never read the memory
+    return torch.where(on, y + F.linear(a * mask[:, None, :], memory), y)
 
 
 def residual_linear_gathered_torch(a, w0, bias, memory, cols, active):
@@ -78,7 +80,7 @@ def residual_linear_gathered_torch(a, w0, bias, memory, cols, active):
     a_g = a.gather(2, cols[:, None, :].expand(bsz, seq, k))  # [B, S, k]
     m_g = memory.t()[cols]  # [B, k, d]
     res = torch.bmm(a_g, m_g.to(a.dtype))
-    return y + res * active.to(device=y.device, dtype=y.dtype)[:, None, None]
+    return torch.where(active.to(y.device).bool()[:, None, None], y + res, y)
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -40,9 +40,12 @@ def _token_masks(a: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 def routed_residual_reference(y, a, memory, bank_words, rows, top_k: int):
-    """``y + F.linear(a * M, memory)`` with dense masks: the specification (differentiable)."""
+    """``y + F.linear(a * M, memory)`` with dense masks: the specification (differentiable).
+
+    Unrouted rows get ``y`` itself: they never read the memory (whatever it holds)."""
     masks = route_masks(bank_words, rows, a.shape[-1], a.dtype)
-    return y + F.linear(a * _token_masks(a, masks), memory)
+    routed = _token_masks(a, (rows.to(a.device) >= 0).to(a.dtype)[:, None]).bool()
+    return torch.where(routed, y + F.linear(a * _token_masks(a, masks), memory), y)
 
 
 def _triton_residual(y, a, memory, bank_words, rows, top_k: int):
@@ -87,7 +90,7 @@ def _backward(ctx, g):
     m = _token_masks(a, route_masks(bank_words, rows, a.shape[-1], a.dtype))
     grad_a = grad_mem = None
     if need_a:
-        grad_a = (g @ memory.to(g.dtype)) * m
+        grad_a = torch.where(m.bool(), g @ memory.to(g.dtype), torch.zeros((), dtype=g.dtype, device=g.device))
     if need_mem:
         x = (a * m).reshape(-1, a.shape[-1])
         grad_mem = (g.reshape(-1, g.shape[-1]).t() @ x.to(g.dtype)).to(memory.dtype)

@@ -97,3 +97,27 @@ def test_to_cuda_carries_bank_and_keys():
     assert editor.generate(PROBES, max_new_tokens=3) == want
     editor.model.to("cpu")
     assert routes(editor) == want_routes
+
+
+def test_unrouted_rows_never_read_the_memory():
+    """A memory holding NaN (or anything) does not reach rows that route to no edit."""
+    import torch
+
+    from memoir import memory_op
+    from memoir.ops import pack_bits
+
+    y, a = torch.randn(3, 4, 5), torch.randn(3, 4, 70)
+    memory = torch.full((5, 70), float("nan"))
+    bank = pack_bits(torch.rand(2, 70) > 0.5)
+    rows = torch.tensor([-1, 1, -1])
+    out = memory_op.routed_residual_reference(y, a, memory, bank, rows, 10)
+    assert torch.equal(out[0], y[0]) and torch.equal(out[2], y[2])
+    assert torch.isnan(out[1]).all()
+    from memoir.kernels import residual_linear_gathered_torch, residual_linear_reference
+
+    w0, cols = torch.randn(5, 70), torch.tensor([[1, 3], [0, 69], [2, 4]])
+    active = torch.tensor([False, True, False])
+    for fn in (residual_linear_reference, residual_linear_gathered_torch):
+        got = fn(a, w0, None, memory, cols, active)
+        base = torch.nn.functional.linear(a, w0)
+        assert torch.equal(got[0], base[0]) and torch.equal(got[2], base[2]), fn.__name__
