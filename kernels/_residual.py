@@ -115,15 +115,14 @@ def _add_residual_(y, a, memory, cols, active, variant):
         return y
     act8 = active.to(device=a.device, dtype=torch.int8).contiguous()
     cdiv = lambda x, b: -(-x // b)  # noqa: E731
+    # The gemv and gathered kernels take the same tensors and strides (a, memory, cols, y).
+    gathered_args = (a, memory, cols, act8, y, seq, d_out, k, *a.stride(), *memory.stride(), *cols.stride(),
+                     *y.stride())
     if variant == "gemv":
         block_n, block_k = (16, 256) if not interpreting() else (64, 256)
         grid = (cdiv(d_out, block_n), bsz * seq)
         tk.residual_gemv_kernel[grid](
-            a, memory, cols, act8, y, seq, d_out, k,
-            a.stride(0), a.stride(1), a.stride(2),
-            memory.stride(0), memory.stride(1),
-            cols.stride(0), cols.stride(1),
-            y.stride(0), y.stride(1), y.stride(2),
+            *gathered_args,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
         )
     elif variant == "gathered":
@@ -131,11 +130,7 @@ def _add_residual_(y, a, memory, cols, active, variant):
         bn, bk = 64, 64
         grid = (cdiv(seq, bm), cdiv(d_out, bn), bsz)
         tk.residual_gathered_gemm_kernel[grid](
-            a, memory, cols, act8, y, seq, d_out, k,
-            a.stride(0), a.stride(1), a.stride(2),
-            memory.stride(0), memory.stride(1),
-            cols.stride(0), cols.stride(1),
-            y.stride(0), y.stride(1), y.stride(2),
+            *gathered_args,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_F32=_dot_f32(a, memory),
             num_warps=4, num_stages=3,
         )
