@@ -48,3 +48,17 @@ def test_wheel_ships_kernels_as_memoir_kernels(tmp_path):
     ).stdout.split()
     assert pathlib.Path(out[0]).resolve() == (tmp_path / "site" / "memoir" / "kernels" / "__init__.py").resolve()
     assert out[1] == "memoir.kernels._tophash"
+
+
+def test_checkout_root_on_path_does_not_shadow_the_hf_kernels_probe():
+    # transformers imports any top-level ``kernels`` it finds to probe for the Hugging Face
+    # package; from a checkout's root that is this folder, which must import cleanly and
+    # pull in nothing (not even memoir, which a user's plain clone may not have installed).
+    code = (
+        "import sys, kernels; "
+        "assert kernels.__all__ == [] and not hasattr(kernels, 'tophash'), dir(kernels); "
+        "assert not any(m == 'memoir' or m.startswith('memoir.') for m in sys.modules), sorted(sys.modules); "
+        "from transformers.utils.import_utils import is_kernels_available; "
+        "assert not is_kernels_available()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
