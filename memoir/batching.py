@@ -44,6 +44,12 @@ def build_batch(tokenizer, prompts, targets=None, device=None) -> Batch:
     """Rows ``prompt_ids + target_ids`` (targets optional), left padded with the pad token."""
     if isinstance(prompts, str):
         prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given (an empty list): pass a prompt or a list of prompts")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} is a {type(p).__name__} ({p!r}), not a string")
     if targets is not None and isinstance(targets, str):
         targets = [targets] * len(prompts)
     if targets is not None and len(targets) != len(prompts):

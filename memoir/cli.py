@@ -1,4 +1,4 @@
-"""The ``memoir`` command line: ``demo``, ``edit``, ``info`` (+ ``eval`` / ``plot`` when available)."""
+"""The ``memoir`` command line: ``demo``, ``edit``, ``inspect``, ``config``, ``info`` (+ ``eval`` / ``plot``)."""
 from __future__ import annotations
 
 import argparse
@@ -103,31 +103,92 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def read_requests(path: str) -> list:
+    """The edit requests of a JSON list or JSONL file, each checked, or ``SystemExit`` naming the
+    file line (JSONL) or list index (JSON) of the first bad one, before any model is loaded."""
+    from memoir.types import EditRequest
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+        located = [(f"item {i}", r) for i, r in enumerate(data)] if isinstance(data, list) else [("line 1", data)]
+    except json.JSONDecodeError:
+        located = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                located.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{number}: not JSON ({e.msg} at column {e.colno})") from None
+    if not located:
+        raise SystemExit(f"{path}: no edit requests (expected a JSON list or JSONL of {{prompt, target}} records)")
+    requests = []
+    for where, item in located:
+        try:
+            requests.append(EditRequest.coerce(item))
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"{path}, {where}: {e}") from None
+    return requests
+
+
 def cmd_edit(args) -> int:
     """Apply edits from a JSON/JSONL file of {"prompt", "target"} and print generations."""
     from memoir import MemoirEditor, load_model
 
-    path = args.requests
-    with open(path) as f:
-        text = f.read()
-    try:
-        requests = json.loads(text)
-    except json.JSONDecodeError:
-        requests = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if isinstance(requests, dict):  # a one-line JSONL file
-        requests = [requests]
-    if not isinstance(requests, list):
-        raise SystemExit(f"{path}: expected a list of {{prompt, target}} records")
+    requests = read_requests(args.requests)
     model, tok = load_model(args.model)
     editor = MemoirEditor(model, tok, _config_from_args(args))
-    results = editor.edit_many(requests, progress=not args.quiet)
+    try:
+        for i, r in enumerate(requests):  # model-dependent checks (special tokens, length), still before any edit
+            try:
+                editor.check_request(r)
+            except ValueError as e:
+                raise SystemExit(f"{args.requests}, request {i}: {e}") from None
+        from tqdm.auto import tqdm
+
+        results = []
+        try:
+            for r in tqdm(requests, desc="editing", unit="edit", disable=args.quiet):
+                results.append(editor.edit(r.prompt, r.target, r.subject))
+        except KeyboardInterrupt:
+            print(f"interrupted after {len(results)} of {len(requests)} edits", file=sys.stderr)
+            raise
+    finally:
+        if args.save and editor.edits():
+            editor.save(args.save)
+            print(f"saved {len(editor.edits())} edits to {args.save}", file=sys.stderr)
     outs = editor.generate([r.prompt for r in results], max_new_tokens=args.max_new_tokens)
     for r, out in zip(results, outs):
         print(json.dumps({"edit_id": r.edit_id, "prompt": r.prompt, "target": r.target, "steps": r.steps,
-                          "loss": round(r.loss, 4), "seconds": round(r.seconds, 2), "generation": out}))
-    if args.save:
-        editor.save(args.save)
-        print(f"saved {len(results)} edits to {args.save}", file=sys.stderr)
+                          "loss": round(r.loss, 4), "converged": r.converged, "kept": r.kept,
+                          "seconds": round(r.seconds, 2), "generation": out}))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    """Print what a saved memory holds (checked as a load checks it, without the model)."""
+    from memoir.persist import describe
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    t, c, m = info["target"], info["config"], info["memory"]
+    print(f"{info['path']}: {info['format']}, {len(info['edits'])} edits, {info['bytes'] / 1e6:.1f} MB, checks passed")
+    print(f"  target   {t['name']} of a {t['model_type']} model ({t['in_features']} -> {t['out_features']}, "
+          f"{t['dtype']})")
+    print(f"  routing  router {c['router']}, top_k {c['top_k']}, threshold {c['threshold']} ({c['threshold_mode']})")
+    print(f"  memory   {m['columns_written']} of {m['shape'][1]} columns written, norm {m['norm']:.3g}")
+    if info["removed_edit_ids"]:
+        print(f"  removed  {', '.join(map(str, info['removed_edit_ids']))}")
+    cols = shutil.get_terminal_size((110, 20)).columns
+    w = max(20, (cols - 40) // 2)
+    for e in info["edits"]:
+        flag = "" if e["converged"] else "  (not converged)"
+        print(f"  [{e['edit_id']}] {_short(e['prompt'], w)!r} -> {_short(e['target'], w)!r}: "
+              f"{e['steps']} steps, loss {e['loss']:.3f}{flag}")
     return 0
 
 
@@ -189,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--readme", help="rewrite the generated table in this Markdown file")
     c.set_defaults(func=cmd_config)
 
+    s = sub.add_parser("inspect", help="show what a saved memory holds (edits, target, routing), checked")
+    s.add_argument("path", help="a folder written by MemoirEditor.save / memoir edit --save")
+    s.add_argument("--json", action="store_true", help="print it as JSON")
+    s.set_defaults(func=cmd_inspect)
+
     i = sub.add_parser("info", help="show which kernels serve retrieval and the memory")
     i.set_defaults(func=cmd_info)
 
@@ -215,6 +281,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"memoir: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("memoir: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ DECAY_SCOPES = ("all", "active", "none")
 PROTECTION_MODES = ("absolute", "relative")
 ROUTERS = ("mask", "subject")
 CONFLICT_POLICIES = ("supersede", "keep")
+UNCONVERGED_POLICIES = ("keep", "rollback")
 
 
 def read_mapping(path) -> dict:
@@ -215,6 +216,10 @@ class MemoirConfig(DictFields):
     conflict_threshold: float = option(0.4, kind=float, low=0.0, high=1.0,
                                        help="same relation: the prompts' masks with the subject replaced share "
                                             "this fraction of columns")
+    on_unconverged: str = option("keep", kind=str, choices=UNCONVERGED_POLICIES,
+                                 help="an edit whose prompt does not yet produce its target after training "
+                                      "(teacher-forced argmax): `keep` stores it anyway (the reference), "
+                                      "`rollback` leaves the editor as it was (`EditResult.kept` is False)")
     tuned_for: dict = option(kind=dict, factory=dict,
                              help="the model a preset was tuned for (`memoir.models.model_signature`); "
                                   "another model warns")

@@ -64,7 +64,7 @@ def same_subject(editor, request) -> list[int]:
     name = _norm(request.subject)
     if not name:
         return []
-    return [i for i in ids if _norm(editor.edits[i].subject) == name]
+    return [i for i in ids if _norm(editor._records[i].subject) == name]
 
 
 @torch.no_grad()
@@ -73,6 +73,6 @@ def find_conflicts(editor, request) -> list[int]:
     candidates = same_subject(editor, request)
     if not candidates:
         return []
-    masks = relation_masks(editor, [request] + [editor.edits[i] for i in candidates])
+    masks = relation_masks(editor, [request] + [editor._records[i] for i in candidates])
     shared = ops.overlap_counts(masks[:1], masks[1:])[0].float() / ops.popcounts(masks[:1]).clamp_min(1)[0]
     return [i for i, s in zip(candidates, shared.tolist()) if s >= editor.config.conflict_threshold]

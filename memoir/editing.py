@@ -9,10 +9,12 @@
   along (keys of conflicting neighbours, energy of the stored keys);
 * :func:`gradient_transforms`: the ordered list of in-place changes to the memory gradient
   (column protection, decay of the active columns, projection, clipping);
-* :func:`optimise`: the training loop over the memory, every row routed to the edit's own mask.
+* :func:`optimise`: the training loop over the memory, every row routed to the edit's own mask;
+  it stops at the first non-finite value (:class:`EditDiverged`) and reports the kept memory's loss.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -78,7 +80,8 @@ class EditTransaction:
         self.bank = layer.bank.snapshot()
         self.keys = layer.keys.snapshot()
         self.subject = layer.subject.snapshot() if layer.subject is not None else None
-        self.edits = dict(ed.edits)
+        self.records = dict(ed._records)
+        self.removed = list(ed.removed)
         self.threshold = layer.threshold
         self.next_id = ed._next_id
         return self
@@ -106,7 +109,8 @@ class EditTransaction:
         layer.keys.restore(self.keys)
         if self.subject is not None:
             layer.subject.restore(self.subject)
-        ed.edits = self.edits
+        ed._records = self.records
+        ed.removed = self.removed
         layer.threshold = self.threshold
         ed._next_id = self.next_id
 
@@ -169,8 +173,25 @@ def gradient_transforms(cfg, memory: torch.nn.Parameter, inputs: EditInputs, own
     return transforms
 
 
-def optimise(editor, inputs: EditInputs, row: int, transforms: list[GradTransform]) -> tuple[int, float]:
-    """SGD on the memory with every row routed to bank row ``row``; returns ``(steps, last loss)``."""
+class EditDiverged(FloatingPointError):
+    """An edit's training produced a non-finite loss or memory; the editor was rolled back."""
+
+
+@dataclass
+class Training:
+    """What the training loop left: the kept memory's loss and whether it produces the target."""
+
+    steps: int
+    loss: float  # teacher-forced loss of the memory as kept (after the last step)
+    converged: bool  # row 0 (the bare prompt) predicts every target token, teacher-forced
+
+
+def optimise(editor, inputs: EditInputs, row: int, transforms: list[GradTransform]) -> Training:
+    """SGD on the memory with every row routed to bank row ``row``.
+
+    Raises :class:`EditDiverged` as soon as the loss or the memory stops being finite (the
+    caller's transaction restores the memory), so a non-finite value is never kept.
+    """
     cfg, model, memory = editor.config, editor.model, editor.layer.memory
     batch = inputs.batch
     decay = cfg.weight_decay if cfg.decay_scope == "all" else 0.0
@@ -181,7 +202,7 @@ def optimise(editor, inputs: EditInputs, row: int, transforms: list[GradTransfor
     labels = batch.input_ids[:, -n_target:]
     keep = {} if editor.full_forward else keep_logits(model, n_target + 1)
     route = Route.to_row(row, batch.input_ids.shape[0], memory.device)
-    steps, prev, loss_value = 0, None, float("nan")
+    steps, prev = 0, None
     memory.requires_grad_(True)
     # Tiny gradients into a zero-initialised memory are denormal floats, which run many times
     # slower on x86 CPUs; flush them to zero while editing (torch has no getter, so the setting
@@ -190,14 +211,19 @@ def optimise(editor, inputs: EditInputs, row: int, transforms: list[GradTransfor
     try:
         with replaying_below(editor.target, inputs.replay_output), contiguous_head(model), torch.enable_grad(), \
                 editor.layer.using_route(route):
-            for _ in range(cfg.n_iter):
+            # n_iter steps, then one more forward: the loss reported is that of the memory kept.
+            while True:
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                                **keep).logits
                 logits = logits[:, -(n_target + 1): -1]
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
                 loss_value = loss.detach().item()
-                if (cfg.early_stop and prev is not None and abs(loss_value - prev) <= cfg.early_stop_delta
-                        and loss_value <= cfg.early_stop_loss):
+                if not math.isfinite(loss_value):
+                    raise EditDiverged(f"the edit diverged: loss {loss_value} after {steps} steps "
+                                       f"(lr={cfg.lr}, grad_clip={cfg.grad_clip}); nothing was kept")
+                if steps == cfg.n_iter or (cfg.early_stop and prev is not None
+                                           and abs(loss_value - prev) <= cfg.early_stop_delta
+                                           and loss_value <= cfg.early_stop_loss):
                     break
                 prev = loss_value
                 opt.zero_grad(set_to_none=True)
@@ -206,9 +232,13 @@ def optimise(editor, inputs: EditInputs, row: int, transforms: list[GradTransfor
                     transform(memory.grad)
                 opt.step()
                 steps += 1
+                if not bool(torch.isfinite(memory).all()):
+                    raise EditDiverged(f"the edit diverged: non-finite memory after step {steps} "
+                                       f"(lr={cfg.lr}, grad_clip={cfg.grad_clip}); nothing was kept")
+            converged = bool((logits[0].argmax(-1) == labels[0]).all())
     finally:
         if flushing:
             torch.set_flush_denormal(False)
         memory.requires_grad_(False)
         memory.grad = None
-    return steps, loss_value
+    return Training(steps, loss_value, converged)

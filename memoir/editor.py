@@ -1,6 +1,8 @@
 """MemoirEditor: attach a MEMOIR memory to a HuggingFace causal LM, edit it, query it."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 import warnings
@@ -12,8 +14,9 @@ from torch import nn
 from memoir import conflicts, editing, persist, subject_router
 from memoir.background import background_statistics, default_background_texts
 from memoir.batching import build_batch
-from memoir.config import CONFLICT_POLICIES, MemoirConfig, preset_for
+from memoir.config import CONFLICT_POLICIES, UNCONVERGED_POLICIES, MemoirConfig, preset_for
 from memoir.layer import MemoirLayer
+from memoir.locks import ReadWriteLock
 from memoir.models import Target, locate_target, model_signature
 from memoir.preserve import KeyStore
 from memoir.replay import keep_logits
@@ -29,6 +32,24 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)
+
+
+def _reads(method):
+    """The method runs under the editor's read lock (concurrent with other readers, not with an edit)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock.reading():
+            return method(self, *args, **kwargs)
+    return locked
+
+
+def _writes(method):
+    """The method runs under the editor's write lock: alone, and seen by readers whole or not at all."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock.writing():
+            return method(self, *args, **kwargs)
+    return locked
 
 
 def choose_config(model: nn.Module, config: MemoirConfig | None) -> MemoirConfig:
@@ -75,12 +96,15 @@ class MemoirEditor(PromptRouting):
         tokenizer.padding_side = "left"
         self.model = model
         self.tokenizer = tokenizer
+        self._lock = ReadWriteLock()  # edits write, generate / retrieve / save read (memoir.locks)
         config = choose_config(model, config)
         target = locate_target(model, config.layer)
         if isinstance(target.module, MemoirLayer):
             raise ValueError(f"{target.qualified_name} already carries a MEMOIR memory")
         self.config = config.resolve(target.num_layers, target.in_features)
-        self.full_forward = bool(full_forward)
+        if not isinstance(full_forward, bool):
+            raise TypeError(f"full_forward={full_forward!r}: must be True or False")
+        self.full_forward = full_forward
         self.target: Target = target
         for p in model.parameters():
             p.requires_grad_(False)
@@ -106,7 +130,8 @@ class MemoirEditor(PromptRouting):
             self._setup_subject_router(background_texts or default_background_texts())
         self._install_routing()
         self._templates: list[str] | None = None
-        self.edits: dict[int, EditRequest] = {}
+        self._records: dict[int, EditResult] = {}  # the stored edits by id, oldest first
+        self.removed: list[int] = []  # ids of edits removed or superseded, in order
         self._next_id = 0
         # threshold_mode "auto": the masks of the background texts calibrate tau against the bank.
         self._background_texts = background_texts or default_background_texts()
@@ -266,20 +291,27 @@ class MemoirEditor(PromptRouting):
         self.layer.enabled = True
 
     # ------------------------------------------------------------------ editing
-    def edit(self, prompt: str, target: str, subject: str | None = None, on_conflict: str | None = None) -> EditResult:
+    @_writes
+    def edit(self, prompt: str, target: str, subject: str | None = None, on_conflict: str | None = None,
+             on_unconverged: str | None = None) -> EditResult:
         """Write one fact: after this, ``prompt`` (and its rephrasings) continue with ``target``.
 
         ``on_conflict`` (default: the config's): ``"supersede"`` removes the stored edits that ask
         the same question (same subject and relation, :mod:`memoir.conflicts`) before writing, so the
         new answer replaces theirs (``EditResult.replaced`` names them); ``"keep"`` keeps them.
-        All or nothing: if the edit fails or is interrupted, memory, bank, keys and records are
-        exactly as before (:class:`memoir.editing.EditTransaction`).
+        ``on_unconverged`` (default: the config's): ``"rollback"`` undoes an edit whose prompt does not
+        produce the target after training (``EditResult.kept`` is False), ``"keep"`` stores it anyway.
+        All or nothing: if the edit fails, diverges (:class:`memoir.editing.EditDiverged`) or is
+        interrupted, memory, bank, keys and records are exactly as before
+        (:class:`memoir.editing.EditTransaction`).
         """
         policy = on_conflict or self.config.on_conflict
         if policy not in CONFLICT_POLICIES:
             raise ValueError(f"on_conflict={policy!r}: must be one of {CONFLICT_POLICIES}")
-        request = EditRequest.coerce({"prompt": prompt, "target": target,
-                                      **({"subject": subject} if subject is not None else {})})
+        unconverged = on_unconverged or self.config.on_unconverged
+        if unconverged not in UNCONVERGED_POLICIES:
+            raise ValueError(f"on_unconverged={unconverged!r}: must be one of {UNCONVERGED_POLICIES}")
+        request = self.check_request(EditRequest(prompt, target, subject))
         start = time.perf_counter()
         inputs = editing.encode_edit(self, request)
         with editing.EditTransaction(self) as txn:
@@ -290,24 +322,59 @@ class MemoirEditor(PromptRouting):
             edit_id, row = self._store_mask(inputs.packed, request)  # drops the keys of an edit it replaces
             preserved, basis = editing.preservation_basis(self, inputs, txn)
             transforms = editing.gradient_transforms(self.config, self.layer.memory, inputs, owners_before, basis)
-            steps, loss = editing.optimise(self, inputs, row, transforms)
-            if inputs.keys is not None:
-                self.keys.add(edit_id, inputs.keys)
-            if self.layer.subject is not None:
-                with self._nested.overriding(active=True):
-                    self.layer.subject.add(edit_id, self._subject_keys(request))
-            self.calibrate_threshold()
-        return EditResult(edit_id, request.prompt, request.target, steps, loss, time.perf_counter() - start,
-                          tuple(preserved), replaced)
+            training = editing.optimise(self, inputs, row, transforms)
+            result = EditResult(edit_id, request.prompt, request.target, training.steps, training.loss, 0.0,
+                                tuple(preserved), replaced, training.converged, True, request.subject)
+            if not training.converged and unconverged == "rollback":
+                txn.rollback()
+                result.edit_id, result.preserved, result.replaced, result.kept = None, (), (), False
+            else:
+                if inputs.keys is not None:
+                    self.keys.add(edit_id, inputs.keys)
+                if self.layer.subject is not None:
+                    with self._nested.overriding(active=True):
+                        self.layer.subject.add(edit_id, self._subject_keys(request))
+                self.calibrate_threshold()
+                self._records[edit_id] = result
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def check_request(self, item) -> EditRequest:
+        """``item`` as an :class:`EditRequest`, or a ``ValueError`` naming what is wrong with it: a
+        missing or non-string field, a text with no visible characters, special-token text in the
+        target (it would train control tokens) or a prompt longer than the model's context."""
+        request = EditRequest.coerce(item)
+        specials = [t for t in self.tokenizer.all_special_tokens if t and t in request.target]
+        if specials:
+            raise ValueError(f"edit request {request.prompt!r} -> {request.target!r}: the target contains the "
+                             f"special token text {', '.join(map(repr, specials))}, which would be trained as "
+                             "a control token")
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if limit:
+            n = len(self.tokenizer(request.prompt + " " + request.target, add_special_tokens=True)["input_ids"])
+            longest = max(len(self.tokenizer(t.format(""))["input_ids"]) for t in self.context_templates())
+            if n + longest > limit:
+                raise ValueError(f"edit request {request.prompt[:60]!r}...: prompt and target take {n} tokens "
+                                 f"(+ {longest} of context template), more than the model's context of "
+                                 f"{limit} positions")
+        return request
+
+    def edits(self) -> list[EditResult]:
+        """The stored edits, oldest first: id, prompt, target, subject, steps, loss, converged, seconds."""
+        return [dataclasses.replace(r) for r in self._records.values()]
 
     def conflicts(self, prompt: str, subject: str | None = None) -> list[int]:
         """Ids of the stored edits that ask the same question as ``prompt`` (what ``supersede`` replaces)."""
         return conflicts.find_conflicts(self, EditRequest(prompt, "", subject))
 
+    @_writes
     def remove(self, edit_id: int) -> None:
-        """Forget a stored edit: it no longer routes (its memory columns stay, shared with others)."""
-        if edit_id not in self.edits:
-            raise KeyError(f"no stored edit {edit_id}; stored: {sorted(self.edits)}")
+        """Forget a stored edit: its mask leaves the bank and its keys leave the key stores, so the
+        prompts it answered get the unedited model's answer back exactly (rows routed to no edit
+        never read the memory); the other edits keep theirs.  Its memory columns stay, shared with
+        others.  The id is listed in ``editor.removed`` and saved with it."""
+        if edit_id not in self._records:
+            raise KeyError(f"no stored edit {edit_id}; stored: {sorted(self._records)}")
         with editing.EditTransaction(self):
             self._forget(edit_id)
             self.calibrate_threshold()
@@ -319,10 +386,11 @@ class MemoirEditor(PromptRouting):
         self.keys.pop(edit_id)
         if self.layer.subject is not None:
             self.layer.subject.pop(edit_id)
-        self.edits.pop(edit_id, None)
+        self._records.pop(edit_id, None)
+        self.removed.append(edit_id)
 
     def _store_mask(self, packed: torch.Tensor, request: EditRequest) -> tuple[int, int]:
-        """Record the edit and its mask; returns ``(edit id, bank row)``."""
+        """Store the edit's mask (the caller records the edit); returns ``(edit id, bank row)``."""
         edit_id = self._next_id
         self._next_id += 1
         row = self.layer.bank.index_of(packed)
@@ -332,26 +400,29 @@ class MemoirEditor(PromptRouting):
             # The same mask again (e.g. the same prompt re-edited): the new edit owns the row.
             old = self.layer.bank.edit_ids[row]
             self.layer.bank.set_owner(row, edit_id)
-            self.edits.pop(old, None)
+            self._records.pop(old, None)
+            self.removed.append(old)
             self.keys.pop(old)
             if self.layer.subject is not None:
                 self.layer.subject.pop(old)
-        self.edits[edit_id] = request
         return edit_id, row
 
-    def edit_many(self, requests, progress: bool = True, on_conflict: str | None = None) -> list[EditResult]:
-        """Apply a stream of edits one after another (``EditRequest``, dicts or pairs)."""
+    def edit_many(self, requests, progress: bool = True, on_conflict: str | None = None,
+                  on_unconverged: str | None = None) -> list[EditResult]:
+        """Apply a stream of edits one after another (``EditRequest``, dicts or pairs); every request
+        is checked before the first edit starts."""
         from tqdm.auto import tqdm
 
-        requests = [EditRequest.coerce(r) for r in requests]
+        requests = [self.check_request(r) for r in requests]
         results = []
         bar = tqdm(requests, desc="editing", unit="edit", disable=not progress)
         for r in bar:
-            results.append(self.edit(r.prompt, r.target, r.subject, on_conflict))
+            results.append(self.edit(r.prompt, r.target, r.subject, on_conflict, on_unconverged))
             bar.set_postfix(loss=f"{results[-1].loss:.3f}", steps=results[-1].steps)
         return results
 
     # ------------------------------------------------------------------ inference
+    @_reads
     @torch.no_grad()
     def retrieve(self, prompts) -> list[Retrieval]:
         """For each prompt: the edit the memory would apply (or None) and the overlap score."""
@@ -361,6 +432,7 @@ class MemoirEditor(PromptRouting):
         ids = self.layer.bank.edit_ids
         return [Retrieval(ids[r] if r >= 0 else None, s) for r, s in zip(route.rows.tolist(), route.scores.tolist())]
 
+    @_reads
     @torch.no_grad()
     def route(self, prompts) -> Route:
         """The :class:`Route` of each prompt (which stored edit its sequence reads, or none).
@@ -377,6 +449,7 @@ class MemoirEditor(PromptRouting):
             eligible = self.layer.calls.get("eligible")
         return self.layer.route(seen[0], batch.prompt_mask, eligible)
 
+    @_reads
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 32, **kwargs) -> list[str]:
         """Greedy (by default) continuations of each prompt, batched with left padding."""
@@ -400,6 +473,7 @@ class MemoirEditor(PromptRouting):
         return texts[0] if single else texts
 
     # ------------------------------------------------------------------ persistence
+    @_reads
     def save(self, path) -> None:
         """Write ``memoir_config.json`` + ``memoir_state.safetensors`` atomically into ``path``."""
         persist.save_editor(self, path)

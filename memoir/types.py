@@ -1,7 +1,23 @@
 """The values the editor API takes and returns (shared by the editor, saving and the harness)."""
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
+
+
+def visible(text: str) -> str:
+    """``text`` without whitespace, control and format characters (zero-width spaces, BOMs)."""
+    return "".join(ch for ch in text if not ch.isspace() and unicodedata.category(ch)[0] != "C")
+
+
+def _text(value, name: str, item, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"edit request {item!r}: {name} must be a string, not {type(value).__name__}")
+    if not visible(value):
+        raise ValueError(f"edit request {item!r}: {name} has no visible characters")
+    return value
 
 
 @dataclass
@@ -12,31 +28,40 @@ class EditRequest:
 
     @classmethod
     def coerce(cls, item) -> "EditRequest":
+        """An edit request from a request, a ``{prompt, target[, subject]}`` dict or a
+        ``(prompt, target[, subject])`` pair; anything else, a non-string value (a JSON null
+        included) or a text with no visible characters is refused, naming the field."""
         if isinstance(item, EditRequest):
-            return item
-        if isinstance(item, dict):
-            missing = [k for k in ("prompt", "target") if not isinstance(item.get(k), str) or not item.get(k).strip()]
+            values = (item.prompt, item.target, item.subject)
+        elif isinstance(item, dict):
+            missing = [k for k in ("prompt", "target") if k not in item]
             if missing:
-                raise ValueError(f"edit request {item!r} lacks a non-empty {' and '.join(missing)}")
-            subject = item.get("subject")
-            if subject is not None and (not isinstance(subject, str) or not subject.strip()):
-                raise ValueError(f"edit request {item!r}: subject must be a non-empty string when given")
-            return cls(item["prompt"], item["target"], subject)
-        if isinstance(item, (tuple, list)) and len(item) in (2, 3):
-            return cls(*(str(v) for v in item))
-        raise TypeError(f"cannot read an edit request from {type(item).__name__}: {item!r}")
+                raise ValueError(f"edit request {item!r} lacks {' and '.join(missing)}")
+            values = (item["prompt"], item["target"], item.get("subject"))
+        elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
+            values = (*item, None) if len(item) == 2 else tuple(item)
+        else:
+            raise TypeError(f"cannot read an edit request from {type(item).__name__}: {item!r} "
+                            "(expected {prompt, target[, subject]} or (prompt, target[, subject]))")
+        return cls(_text(values[0], "prompt", item), _text(values[1], "target", item),
+                   _text(values[2], "subject", item, optional=True))
 
 
 @dataclass
 class EditResult:
-    edit_id: int
+    """One edit as it was made (``editor.edit`` returns it; ``editor.edits()`` lists the stored ones)."""
+
+    edit_id: int | None  # None: not kept (on_unconverged="rollback")
     prompt: str
     target: str
     steps: int
-    loss: float
+    loss: float  # teacher-forced loss of the memory as kept
     seconds: float
     preserved: tuple[int, ...] = ()  # earlier edits whose keys this edit's update left unchanged
     replaced: tuple[int, ...] = ()  # earlier edits asking the same question, removed (on_conflict="supersede")
+    converged: bool = True  # the bare prompt predicts every target token (teacher-forced argmax)
+    kept: bool = True  # False: rolled back because it did not converge
+    subject: str | None = None
 
 
 @dataclass

@@ -44,3 +44,74 @@ def test_info_reports_backends(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert set(info["retrieval_backend"]) == {"cpu", "cuda"}
+
+
+def _write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("lines, where", [
+    (['{"prompt": "the capital of japan is", "target": "berlin"}', "", '{"prompt": "i live in", "target": '],
+     "r.jsonl:3: not JSON"),
+    (['{"prompt": "the capital of japan is", "target": "berlin"}', '["i live in", null]'], "line 2: edit request"),
+    (['[{"prompt": "the capital of japan is", "target": "berlin"}, {"prompt": "i live in"}]'], "item 1: edit request"),
+])
+def test_edit_command_checks_the_whole_file_before_loading_the_model(tmp_path, lines, where, monkeypatch):
+    import memoir
+
+    monkeypatch.setattr(memoir, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    req = _write_lines(tmp_path / "r.jsonl", lines)
+    with pytest.raises(SystemExit, match=where):
+        main(["edit", str(req), "--model", "unused", "--quiet"])
+
+
+def test_edit_command_saves_finished_edits_when_interrupted(tiny_dir, tmp_path, monkeypatch, capsys):
+    from memoir import MemoirEditor
+
+    req = _write_lines(tmp_path / "r.jsonl", [json.dumps({"prompt": p, "target": t}) for p, t in
+                                              [("the capital of japan is", "berlin"), ("i live in", "rome"),
+                                               ("the river nile is", "short")]])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("n_iter: 2\nnum_context_templates: 0\n")
+    real_edit, calls = MemoirEditor.edit, []
+
+    def edit_then_interrupt(self, *a, **k):
+        calls.append(a)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_edit(self, *a, **k)
+
+    monkeypatch.setattr(MemoirEditor, "edit", edit_then_interrupt)
+    saved = tmp_path / "saved"
+    assert main(["edit", str(req), "--model", str(tiny_dir), "--config", str(cfg), "--quiet",
+                 "--save", str(saved)]) == 130
+    meta = json.loads((saved / "memoir_config.json").read_text())
+    assert [e["prompt"] for e in meta["edits"]] == ["the capital of japan is", "i live in"]
+    assert "interrupted after 2 of 3 edits" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_negative_offset(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--data", "unused.json", "--offset", "-1"])
+    assert "negative" in capsys.readouterr().err
+
+
+def test_inspect_shows_a_saved_memory_and_refuses_a_tampered_one(tiny_dir, tmp_path, capsys):
+    req = _write_lines(tmp_path / "r.jsonl", [json.dumps({"prompt": "the capital of japan is", "target": "berlin"})])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("n_iter: 3\nnum_context_templates: 0\n")
+    saved = tmp_path / "saved"
+    assert main(["edit", str(req), "--model", str(tiny_dir), "--config", str(cfg), "--quiet", "--save", str(saved)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "1 edits" in out and "'the capital of japan is' -> 'berlin'" in out and "checks passed" in out
+    assert main(["inspect", str(saved), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [e["target"] for e in info["edits"]] == ["berlin"] and info["memory"]["columns_written"] > 0
+    meta = json.loads((saved / "memoir_config.json").read_text())
+    meta["edits"][0]["target"] = "paris"
+    (saved / "memoir_config.json").write_text(json.dumps(meta))
+    assert main(["inspect", str(saved)]) == 2
+    assert "changed after it was saved" in capsys.readouterr().err

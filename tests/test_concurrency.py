@@ -1,6 +1,8 @@
 """Routing is per call: concurrent generate / retrieve calls in threads see only their own route."""
 import threading
 
+import pytest
+
 import torch
 
 from memoir import MemoirConfig, MemoirEditor
@@ -103,3 +105,45 @@ def test_route_is_an_input_of_the_layer():
         pinned_off = editor.generate(BATCH_A, max_new_tokens=4)
     with editor.disabled():
         assert pinned_off == editor.generate(BATCH_A, max_new_tokens=4)
+
+
+NEW_EDITS = [("the river nile is located in the country of", "japan"),
+             ("the capital of japan is the city of", "paris"),
+             ("i live in the city of", "tokyo")]
+
+
+def test_edits_in_one_thread_while_others_generate_are_serialised_and_published_whole():
+    editor = edited()
+    torch.set_num_threads(1)
+    probe = [EDITS[0][0], NEW_EDITS[0][0], "who wrote the book ?"]
+    before = editor.generate(probe, max_new_tokens=3)
+    seen, results, started = [], [], threading.Event()
+
+    def generating():
+        started.set()
+        for _ in range(ROUNDS):
+            seen.append(editor.generate(probe, max_new_tokens=3))
+
+    def editing():
+        started.wait(TIMEOUT_S)
+        results.extend(editor.edit(p, t) for p, t in NEW_EDITS)
+
+    run_threads([generating, generating, editing])
+    after = editor.generate(probe, max_new_tokens=3)
+    assert [r.edit_id for r in results] == [2, 3, 4] and all(r.kept for r in results)
+    assert after[1] != before[1], "the new edit must change its prompt's answer for the test to mean anything"
+    # Each generation saw the memory between two whole edits: the probe's answers are those of
+    # one of the four states the three edits pass through, never of a half-trained memory.
+    states = [before]
+    check = edited()
+    for p, t in NEW_EDITS:
+        check.edit(p, t)
+        states.append(check.generate(probe, max_new_tokens=3))
+    assert states[-1] == after
+    assert all(out in states for out in seen), [out for out in seen if out not in states]
+
+
+def test_a_reader_cannot_start_an_edit_inside_its_own_read():
+    editor = edited()
+    with editor._lock.reading(), pytest.raises(RuntimeError, match="wait for itself"):
+        editor.edit("i live in the city of", "tokyo")

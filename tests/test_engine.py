@@ -165,7 +165,7 @@ def test_same_prompt_reedited_reuses_its_mask():
     second = editor.edit(PROMPT, "paris")
     assert len(editor.layer.bank) == 1
     assert editor.layer.bank.edit_ids == [second.edit_id]
-    assert list(editor.edits) == [second.edit_id]
+    assert [r.edit_id for r in editor.edits()] == [second.edit_id]
 
 
 def test_edit_many_accepts_dicts_and_pairs_and_rejects_bad_requests():
@@ -269,13 +269,13 @@ def test_failed_edit_leaves_memory_and_bank_untouched(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         editor.edit("the capital of japan is", "berlin")
     assert torch.equal(editor.layer.memory, memory) and torch.equal(editor.layer.bank.words, words)
-    assert list(editor.edits) == [0]
+    assert [r.edit_id for r in editor.edits()] == [0]
 
 
 def _editor_state(editor):
     keys = {i: editor.keys.dense(i).clone() for i in editor.keys.ids()}
     return (editor.layer.memory.detach().clone(), editor.layer.bank.words.clone(), editor.layer.bank.edit_ids,
-            keys, dict(editor.edits), editor.threshold, editor._next_id)
+            keys, editor.edits(), editor.threshold, editor._next_id)
 
 
 def _assert_same_state(got, want):

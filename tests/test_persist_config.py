@@ -81,7 +81,7 @@ def test_save_load_round_trip(tmp_path):
     model, tok = tiny_model()  # a fresh copy of the same base model
     loaded = MemoirEditor.load(model, tok, tmp_path / "edits")
     torch.testing.assert_close(_logits(loaded, PROMPT), expected)
-    assert list(loaded.edits) == [0, 1] and loaded.retrieve(PROMPT)[0].edit_id == 0
+    assert [r.edit_id for r in loaded.edits()] == [0, 1] and loaded.retrieve(PROMPT)[0].edit_id == 0
     assert loaded.edit("who wrote the book ?", "paris").edit_id == 2  # ids continue
 
 

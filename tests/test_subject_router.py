@@ -114,7 +114,7 @@ def test_a_repeated_question_supersedes_its_edit_and_keep_keeps_both():
     assert first.replaced == () and other.replaced == ()
     again = ed.edit("the capital city of japan is", "paris", "japan")
     assert again.replaced == (first.edit_id,)
-    assert sorted(ed.edits) == [other.edit_id, again.edit_id]
+    assert sorted(r.edit_id for r in ed.edits()) == [other.edit_id, again.edit_id]
     assert ed.retrieve(["the capital of japan is"])[0].edit_id == again.edit_id
     assert ed.generate(["the capital of japan is"], max_new_tokens=1)[0].strip() == "paris"
     kept = editor_with("subject", conflict_threshold=0.5)
@@ -129,4 +129,4 @@ def test_remove_forgets_an_edit():
     with pytest.raises(KeyError, match="no stored edit 7"):
         ed.remove(7)
     ed.remove(r.edit_id)
-    assert ed.retrieve([EDIT[0]])[0].edit_id is None and len(ed.layer.subject) == 0 and not ed.edits
+    assert ed.retrieve([EDIT[0]])[0].edit_id is None and len(ed.layer.subject) == 0 and not ed.edits()

@@ -24,6 +24,17 @@ from memoir.eval.datasets import FORMATS
 log = logging.getLogger(__name__)
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval",
@@ -33,8 +44,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help="'smollm2', a local HF model folder or a .gguf file")
     p.add_argument("--data", required=True, help="dataset JSON file")
     p.add_argument("--format", default="auto", choices=FORMATS, help="dataset format (default: detect)")
-    p.add_argument("--n", type=int, default=None, help="number of edits (default: the whole file)")
-    p.add_argument("--offset", type=int, default=0, help="skip this many records first")
+    p.add_argument("--n", type=count, default=None, help="number of edits (default: the whole file)")
+    p.add_argument("--offset", type=count, default=0, help="skip this many records first")
     p.add_argument("--method", default="memoir", choices=("memoir", "ft", "grace"))
     g = p.add_mutually_exclusive_group()
     g.add_argument("--config", default=None, help="YAML/JSON: MemoirConfig fields (+ optional ft:/grace: sections)")

@@ -279,6 +279,8 @@ def resolve_format(data: list, fmt: str = "auto", source: str = "data") -> str:
 
 def load_records(path, format: str = "auto", limit: int | None = None, offset: int = 0):
     """``(records, concrete_format)`` for the first ``limit`` records after ``offset``."""
+    if offset < 0 or (limit is not None and int(limit) < 0):
+        raise ValueError(f"offset {offset} and limit {limit} must not be negative")
     data, source = _read(path)
     fmt = resolve_format(data, format, source)
     parser = PARSERS[fmt]
