@@ -162,7 +162,7 @@ def cmd_edit(args) -> int:
     outs = editor.generate([r.prompt for r in results], max_new_tokens=args.max_new_tokens)
     for r, out in zip(results, outs):
         print(json.dumps({"edit_id": r.edit_id, "prompt": r.prompt, "target": r.target, "steps": r.steps,
-                          "loss": round(r.loss, 4), "converged": r.converged, "kept": r.kept,
+                          "loss": round(r.loss, 4), "converged": r.converged, "kept": r.kept, "disturbed": list(r.disturbed),
                           "seconds": round(r.seconds, 2), "generation": out}))
     return 0
 
@@ -186,7 +186,8 @@ def cmd_inspect(args) -> int:
     cols = shutil.get_terminal_size((110, 20)).columns
     w = max(20, (cols - 40) // 2)
     for e in info["edits"]:
-        flag = "" if e["converged"] else "  (not converged)"
+        flag = ("" if e["converged"] else "  (not converged)") + (
+            f"  (disturbed {', '.join(map(str, e['disturbed']))})" if e["disturbed"] else "")
         print(f"  [{e['edit_id']}] {_short(e['prompt'], w)!r} -> {_short(e['target'], w)!r}: "
               f"{e['steps']} steps, loss {e['loss']:.3f}{flag}")
     return 0

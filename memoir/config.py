@@ -216,6 +216,10 @@ class MemoirConfig(DictFields):
     conflict_threshold: float = option(0.4, kind=float, low=0.0, high=1.0,
                                        help="same relation: the prompts' masks with the subject replaced share "
                                             "this fraction of columns")
+    check_neighbours: int = option(4, kind=int, low=0,
+                                   help="after each edit, re-check the m earlier converged edits sharing most of "
+                                        "its columns; `EditResult.disturbed` lists those no longer producing "
+                                        "their target (0: off)")
     on_unconverged: str = option("keep", kind=str, choices=UNCONVERGED_POLICIES,
                                  help="an edit whose prompt does not yet produce its target after training "
                                       "(teacher-forced argmax): `keep` stores it anyway (the reference), "

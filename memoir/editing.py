@@ -173,6 +173,34 @@ def gradient_transforms(cfg, memory: torch.nn.Parameter, inputs: EditInputs, own
     return transforms
 
 
+def overlapping_edits(packed: torch.Tensor, bank_words: torch.Tensor, bank_ids: list[int], m: int) -> list[int]:
+    """The ``m`` stored edits whose masks share most columns with ``packed`` (ties: older first)."""
+    if m <= 0 or not bank_ids:
+        return []
+    shared = overlap_counts(packed[None].to(bank_words.device), bank_words)[0].tolist()
+    order = sorted(range(len(bank_ids)), key=lambda i: (-shared[i], i))
+    return [bank_ids[i] for i in order[:m] if shared[i] > 0]
+
+
+@torch.no_grad()
+def still_reached(editor, edit_ids: list[int]) -> list[bool]:
+    """Whether each stored edit's bare prompt still predicts its target, teacher-forced and routed
+    to its own bank row (one batched pass)."""
+    if not edit_ids:
+        return []
+    records = [editor._records[i] for i in edit_ids]
+    rows = [editor.layer.bank.edit_ids.index(i) for i in edit_ids]
+    batch = build_batch(editor.tokenizer, [r.prompt for r in records], [r.target for r in records],
+                        device=editor.device)
+    route = Route(torch.tensor(rows, dtype=torch.int64, device=editor.device),
+                  torch.ones(len(rows), device=editor.device))
+    with editor.layer.using_route(route):
+        logits = editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    labels = batch.labels[:, 1:]
+    hit = (logits[:, :-1].argmax(-1) == labels) | (labels == -100)
+    return hit.all(dim=1).tolist()
+
+
 class EditDiverged(FloatingPointError):
     """An edit's training produced a non-finite loss or memory; the editor was rolled back."""
 

@@ -335,6 +335,12 @@ class MemoirEditor(PromptRouting):
                     with self._nested.overriding(active=True):
                         self.layer.subject.add(edit_id, self._subject_keys(request))
                 self.calibrate_threshold()
+                # Earlier edits sharing the most columns, re-checked: did this one overwrite them?
+                neighbours = [i for i in editing.overlapping_edits(inputs.packed, txn.bank_words, txn.bank_ids,
+                                                                   self.config.check_neighbours)
+                              if i in self._records and self._records[i].converged]
+                result.disturbed = tuple(i for i, ok in zip(neighbours, editing.still_reached(self, neighbours))
+                                         if not ok)
                 self._records[edit_id] = result
         result.seconds = time.perf_counter() - start
         return result

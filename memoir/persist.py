@@ -43,15 +43,16 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
 
 
 RECORD_FIELDS = ("edit_id", "prompt", "target", "subject", "steps", "loss", "seconds", "converged",
-                 "preserved", "replaced")
+                 "preserved", "replaced", "disturbed")
+TUPLE_FIELDS = ("preserved", "replaced", "disturbed")
 
 
 def record_to_json(r: EditResult) -> dict:
-    return {f: list(getattr(r, f)) if f in ("preserved", "replaced") else getattr(r, f) for f in RECORD_FIELDS}
+    return {f: list(getattr(r, f)) if f in TUPLE_FIELDS else getattr(r, f) for f in RECORD_FIELDS}
 
 
 def record_from_json(e: dict) -> EditResult:
-    values = {f: tuple(e[f]) if f in ("preserved", "replaced") else e[f] for f in RECORD_FIELDS}
+    values = {f: tuple(e[f]) if f in TUPLE_FIELDS else e[f] for f in RECORD_FIELDS}
     return EditResult(**values)
 
 

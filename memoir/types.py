@@ -61,6 +61,7 @@ class EditResult:
     replaced: tuple[int, ...] = ()  # earlier edits asking the same question, removed (on_conflict="supersede")
     converged: bool = True  # the bare prompt predicts every target token (teacher-forced argmax)
     kept: bool = True  # False: rolled back because it did not converge
+    disturbed: tuple[int, ...] = ()  # earlier edits that stopped producing their target (check_neighbours)
     subject: str | None = None
 
 

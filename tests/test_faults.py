@@ -301,3 +301,32 @@ def test_remove_gives_back_the_unedited_answer_and_keeps_the_others(tmp_path):
     assert back.removed == [0] and back.generate(prompts, max_new_tokens=3) == [plain[0], edited[1], plain[2]]
     with pytest.raises(KeyError, match="no stored edit 0"):
         back.remove(0)
+
+
+def test_full_forward_must_be_a_boolean():
+    model, tok = tiny_model("llama")
+    with pytest.raises(TypeError, match="full_forward='false'"):
+        MemoirEditor(model, tok, MemoirConfig(num_context_templates=0), background_texts=BACKGROUND,
+                     full_forward="false")
+
+
+def test_an_edit_that_overwrites_an_earlier_one_says_so(monkeypatch):
+    editor = make_editor()
+    first = editor.edit(PROMPT, TARGET)
+    assert first.converged and first.disturbed == ()
+    clean = editor.edit("the capital of japan is", "berlin")
+    assert clean.converged and clean.disturbed == ()  # trained beside it without breaking it
+    cols0 = editor.layer.bank.rows_to_dense(torch.tensor([0]))[0].bool()
+    real = editing.optimise
+
+    def overwriting(ed, inputs, row, transforms):  # as a far too large step would
+        out = real(ed, inputs, row, transforms)
+        with torch.no_grad():
+            ed.layer.memory[:, cols0] *= -5
+        return out
+
+    monkeypatch.setattr(editing, "optimise", overwriting)
+    bad = editor.edit("i live in london and work in", "paris")
+    assert 0 in bad.disturbed and bad.edit_id not in bad.disturbed
+    assert teacher_forced(editor, PROMPT, TARGET)[1] is False
+    assert {r.edit_id: r.disturbed for r in editor.edits()}[bad.edit_id] == bad.disturbed

@@ -59,7 +59,8 @@ class MemoirMethod(_Base):
     def edit(self, prompt, target, position: int, subject: str | None = None) -> dict:
         r = self.editor.edit(prompt, target, subject)
         self.edit_index[r.edit_id] = position
-        out = {"steps": r.steps, "loss": r.loss, "seconds": r.seconds, "edit_id": r.edit_id, "converged": r.converged}
+        out = {"steps": r.steps, "loss": r.loss, "seconds": r.seconds, "edit_id": r.edit_id, "converged": r.converged,
+               "disturbed": list(r.disturbed)}
         if r.replaced:  # stream positions of the earlier edits this one superseded
             out["replaced"] = [self.edit_index[j] for j in r.replaced]
         return out
