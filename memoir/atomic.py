@@ -73,7 +73,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:
         return True  # exists (another user's) or cannot tell: leave its folder alone
     return True
 

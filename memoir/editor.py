@@ -34,22 +34,19 @@ TEMPLATE_SEEDS = ("I", "You", "Because", "Yes", "Q: ")
 TEMPLATE_LENGTHS = (5, 10)
 
 
-def _reads(method):
-    """The method runs under the editor's read lock (concurrent with other readers, not with an edit)."""
-    @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        with self._lock.reading():
-            return method(self, *args, **kwargs)
-    return locked
+def _locked(mode: str):
+    """Run the method under the editor's read lock (``"reading"``: concurrent with other readers,
+    not with an edit) or write lock (``"writing"``: alone, seen by readers whole or not at all)."""
+    def wrap(method):
+        @functools.wraps(method)
+        def locked(self, *args, **kwargs):
+            with getattr(self._lock, mode)():
+                return method(self, *args, **kwargs)
+        return locked
+    return wrap
 
 
-def _writes(method):
-    """The method runs under the editor's write lock: alone, and seen by readers whole or not at all."""
-    @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        with self._lock.writing():
-            return method(self, *args, **kwargs)
-    return locked
+_reads, _writes = _locked("reading"), _locked("writing")
 
 
 def choose_config(model: nn.Module, config: MemoirConfig | None) -> MemoirConfig:

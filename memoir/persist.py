@@ -179,9 +179,8 @@ def check_state(state: dict, meta: _Fields, config: MemoirConfig, state_path: pa
                          f"every stored edit id")
 
 
-def load_editor(cls, model, tokenizer, path):
-    path = pathlib.Path(path)
-    recover_folder(path)  # a save killed between its renames leaves the previous version aside
+def read_save(path: pathlib.Path):
+    """``(meta, state, config, records)`` of a saved memory, every check that needs no model passed."""
     meta_path, state_path = path / CONFIG_FILE, path / STATE_FILE
     if not meta_path.exists() or not state_path.exists():
         raise FileNotFoundError(f"{path} is not a saved MEMOIR memory (needs {CONFIG_FILE} and {STATE_FILE})")
@@ -195,7 +194,15 @@ def load_editor(cls, model, tokenizer, path):
         records = {r.edit_id: r for r in map(record_from_json, meta["edits"])}
     except (KeyError, TypeError) as e:
         raise ValueError(f"{meta_path}: an edit record is malformed ({e})") from None
-    t = _Fields(meta["target"], f"{meta_path} 'target'")
+    return meta, state, config, records
+
+
+def load_editor(cls, model, tokenizer, path):
+    path = pathlib.Path(path)
+    recover_folder(path)  # a save killed between its renames leaves the previous version aside
+    meta, state, config, records = read_save(path)
+    state_path = path / STATE_FILE
+    t = _Fields(meta["target"], f"{path / CONFIG_FILE} 'target'")
     editor = cls(model, tokenizer, config, background=(state["background_mean"], state["background_std"]))
     try:
         if t["name"] != editor.target.qualified_name or t["in_features"] != editor.target.in_features:
@@ -239,15 +246,7 @@ def load_editor(cls, model, tokenizer, path):
 def describe(path) -> dict:
     """What a saved memory holds, every load check but the base model's passed (``memoir inspect``)."""
     path = pathlib.Path(path)
-    meta_path, state_path = path / CONFIG_FILE, path / STATE_FILE
-    if not meta_path.exists() or not state_path.exists():
-        raise FileNotFoundError(f"{path} is not a saved MEMOIR memory (needs {CONFIG_FILE} and {STATE_FILE})")
-    meta = read_meta(path)
-    if _sha256(state_path) != meta["state_sha256"]:
-        raise ValueError(f"{state_path} is corrupt: its checksum does not match {CONFIG_FILE}")
-    state = load_file(str(state_path))
-    config = MemoirConfig.from_dict(meta["config"], source=f"{meta_path} 'config'")
-    check_state(state, meta, config, state_path)
+    meta, state, config, _ = read_save(path)
     memory = state["memory"]
     used = (memory != 0).any(dim=0)
     return {
@@ -260,5 +259,5 @@ def describe(path) -> dict:
         "next_edit_id": meta["next_edit_id"],
         "memory": {"shape": list(memory.shape), "columns_written": int(used.sum()),
                    "norm": float(memory.float().norm())},
-        "bytes": sum(p.stat().st_size for p in (meta_path, state_path)),
+        "bytes": sum((path / name).stat().st_size for name in OWN_FILES),
     }
