@@ -23,6 +23,7 @@ PROTECTION_MODES = ("absolute", "relative")
 ROUTERS = ("mask", "subject")
 CONFLICT_POLICIES = ("supersede", "keep")
 UNCONVERGED_POLICIES = ("keep", "rollback")
+MEMORY_LAYOUTS = ("shared", "private")
 
 
 def read_mapping(path) -> dict:
@@ -220,6 +221,13 @@ class MemoirConfig(DictFields):
                                    help="after each edit, re-check the m earlier converged edits sharing most of "
                                         "its columns; `EditResult.disturbed` lists those no longer producing "
                                         "their target (0: off)")
+    memory: str = option("shared", kind=str, choices=MEMORY_LAYOUTS,
+                         help="`shared`: every edit writes its mask's columns of one memory (the reference); "
+                              "`private`: each edit trains on an empty scratch and keeps its own low-rank block "
+                              "(memoir.private), so later edits cannot overwrite it; column protection, "
+                              "preservation and check_neighbours then have nothing to protect and are not used")
+    private_rank: int = option(16, kind=int, low=1,
+                               help="memory private: rank of each edit's stored block (truncated SVD)")
     on_unconverged: str = option("keep", kind=str, choices=UNCONVERGED_POLICIES,
                                  help="an edit whose prompt does not yet produce its target after training "
                                       "(teacher-forced argmax): `keep` stores it anyway (the reference), "

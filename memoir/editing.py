@@ -57,7 +57,7 @@ def encode_edit(editor, request: EditRequest) -> EditInputs:
     # The mask comes from row 0: the bare prompt, without a context template.
     cols, dense, packed = editor.layer.query_masks(acts[:1], batch.prompt_mask[:1])
     keys = None
-    if cfg.preserve_neighbours > 0 or cfg.preserve_energy > 0:
+    if (cfg.preserve_neighbours > 0 or cfg.preserve_energy > 0) and cfg.memory == "shared":
         positions = batch.target_mask[0, 1:].nonzero().squeeze(1)
         keys = acts[0, positions].float() * dense[0].to(acts.device, torch.float32)
     return EditInputs(batch, cols[0], dense[0], packed[0], replay_output[0] if replay_output else None, keys)
@@ -80,6 +80,7 @@ class EditTransaction:
         self.bank = layer.bank.snapshot()
         self.keys = layer.keys.snapshot()
         self.subject = layer.subject.snapshot() if layer.subject is not None else None
+        self.private = layer.private.snapshot() if layer.private is not None else None
         self.records = dict(ed._records)
         self.removed = list(ed.removed)
         self.threshold = layer.threshold
@@ -109,6 +110,8 @@ class EditTransaction:
         layer.keys.restore(self.keys)
         if self.subject is not None:
             layer.subject.restore(self.subject)
+        if self.private is not None:
+            layer.private.restore(self.private)
         ed._records = self.records
         ed.removed = self.removed
         layer.threshold = self.threshold
@@ -199,6 +202,32 @@ def still_reached(editor, edit_ids: list[int]) -> list[bool]:
     labels = batch.labels[:, 1:]
     hit = (logits[:, :-1].argmax(-1) == labels) | (labels == -100)
     return hit.all(dim=1).tolist()
+
+
+@torch.no_grad()
+def teacher_forced(editor, inputs: EditInputs, row: int) -> tuple[float, bool]:
+    """``(loss over the edit's rows, whether row 0 predicts every target token)`` as the editor
+    stands, every row routed to bank row ``row``."""
+    batch, model = inputs.batch, editor.model
+    n_target = int(batch.target_mask[0].sum())
+    labels = batch.input_ids[:, -n_target:]
+    route = Route.to_row(row, batch.input_ids.shape[0], editor.device)
+    with editor.layer.using_route(route):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                       **keep_logits(model, n_target + 1)).logits[:, -(n_target + 1): -1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+    return float(loss), bool((logits[0].argmax(-1) == labels[0]).all())
+
+
+def store_private(editor, inputs: EditInputs, edit_id: int, row: int, training: Training) -> Training:
+    """Under memory "private": move the block the edit trained on the scratch memory into its own
+    factors, empty the scratch, and report the loss and convergence of the block as stored."""
+    memory = editor.layer.memory
+    with torch.no_grad():
+        editor.layer.private.add(edit_id, inputs.cols, memory[:, inputs.cols.to(memory.device)])
+        memory.zero_()
+    loss, converged = teacher_forced(editor, inputs, row)
+    return Training(training.steps, loss, converged)
 
 
 class EditDiverged(FloatingPointError):

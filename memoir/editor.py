@@ -19,6 +19,7 @@ from memoir.layer import MemoirLayer
 from memoir.locks import ReadWriteLock
 from memoir.models import Target, locate_target, model_signature
 from memoir.preserve import KeyStore
+from memoir.private import PrivateBlocks
 from memoir.replay import keep_logits
 from memoir.route import CallLocal, Route
 from memoir.subject_router import SubjectKeys
@@ -121,6 +122,9 @@ class MemoirEditor(PromptRouting):
             background_mean=mean,
             background_std=std,
         )
+        if self.config.memory == "private":
+            self.layer.private = PrivateBlocks(target.out_features, self.config.top_k, self.config.private_rank,
+                                               device=self.device)
         target.install(self.layer)
         self._nested = CallLocal(active=False)  # inside the subject router's own partial pass
         if self.config.router == "subject":
@@ -315,11 +319,17 @@ class MemoirEditor(PromptRouting):
             replaced = tuple(conflicts.find_conflicts(self, request)) if policy == "supersede" else ()
             for old in replaced:
                 self._forget(old)
-            owners_before = self.layer.column_usage() if self.config.column_protection > 0 else None
+            private = self.layer.private is not None  # nothing shared to protect
+            owners_before = self.layer.column_usage() if self.config.column_protection > 0 and not private else None
             edit_id, row = self._store_mask(inputs.packed, request)  # drops the keys of an edit it replaces
-            preserved, basis = editing.preservation_basis(self, inputs, txn)
+            preserved, basis = editing.preservation_basis(self, inputs, txn) if not private else ([], None)
             transforms = editing.gradient_transforms(self.config, self.layer.memory, inputs, owners_before, basis)
-            training = editing.optimise(self, inputs, row, transforms)
+            if private:
+                with self.layer.training_scratch():
+                    training = editing.optimise(self, inputs, row, transforms)
+                training = editing.store_private(self, inputs, edit_id, row, training)
+            else:
+                training = editing.optimise(self, inputs, row, transforms)
             result = EditResult(edit_id, request.prompt, request.target, training.steps, training.loss, 0.0,
                                 tuple(preserved), replaced, training.converged, True, request.subject)
             if not training.converged and unconverged == "rollback":
@@ -334,7 +344,7 @@ class MemoirEditor(PromptRouting):
                 self.calibrate_threshold()
                 # Earlier edits sharing the most columns, re-checked: did this one overwrite them?
                 neighbours = [i for i in editing.overlapping_edits(inputs.packed, txn.bank_words, txn.bank_ids,
-                                                                   self.config.check_neighbours)
+                                                                   0 if private else self.config.check_neighbours)
                               if i in self._records and self._records[i].converged]
                 result.disturbed = tuple(i for i, ok in zip(neighbours, editing.still_reached(self, neighbours))
                                          if not ok)
@@ -389,6 +399,8 @@ class MemoirEditor(PromptRouting):
         self.keys.pop(edit_id)
         if self.layer.subject is not None:
             self.layer.subject.pop(edit_id)
+        if self.layer.private is not None:
+            self.layer.private.pop(edit_id)
         self._records.pop(edit_id, None)
         self.removed.append(edit_id)
 
@@ -408,6 +420,8 @@ class MemoirEditor(PromptRouting):
             self.keys.pop(old)
             if self.layer.subject is not None:
                 self.layer.subject.pop(old)
+            if self.layer.private is not None:
+                self.layer.private.pop(old)
         return edit_id, row
 
     def edit_many(self, requests, progress: bool = True, on_conflict: str | None = None,

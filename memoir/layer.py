@@ -13,7 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
-from memoir import backends, memory_op, ops  # noqa: F401  (memory_op registers the op)
+from memoir import backends, memory_op, ops, private  # noqa: F401  (memory_op, private register the ops)
 from memoir.bank import MaskBank
 from memoir.preserve import KeyStore
 from memoir.route import CallLocal, Route
@@ -57,7 +57,8 @@ class MemoirLayer(Float32Buffers):
         # pass of a call (an edit's own mask, or one an inference stack passes), a callable that
         # reads the layer input, and a per-call off switch.
         self.calls = CallLocal(prefill=False, span=None, route=None, pinned=None, capture=None, disabled=False,
-                               eligible=None)
+                               eligible=None, scratch=False)
+        self.private = None  # PrivateBlocks under memory "private" (set by the editor)
         self.subject = None  # SubjectKeys under router "subject" (set by the editor)
         self.transposed = type(base).__name__ == "Conv1D"  # GPT-2 stores the weight as [in, out]
 
@@ -164,13 +165,25 @@ class MemoirLayer(Float32Buffers):
                 route = call.get("route")
         if route is None:
             return self.base(a)
-        return self.routed(a, route)
+        return self.routed(a, route, scratch=call.get("scratch"))
 
-    def routed(self, a: torch.Tensor, route: Route) -> torch.Tensor:
+    @contextlib.contextmanager
+    def training_scratch(self):
+        """Under memory "private": passes inside the block read the shared memory (the scratch an edit
+        trains on) instead of the stored private blocks."""
+        with self.calls.overriding(scratch=True):
+            yield
+
+    def routed(self, a: torch.Tensor, route: Route, scratch: bool = False) -> torch.Tensor:
         """``base(a) + Wm (M ⊙ a)`` with each sequence's mask from ``route`` (one opaque op, so
-        nothing here branches on the route's values: safe to compile)."""
+        nothing here branches on the route's values: safe to compile).  Under memory "private" a
+        sequence reads its edit's own block instead (``memoir.private``), except while an edit trains."""
         if len(self.bank) == 0:
             return self.base(a)
+        if self.private is not None and not scratch:
+            p = self.private
+            return torch.ops.memoir.private_residual(self.base(a), a, p.u, p.v, p.cols,
+                                                     p.index_for(self.bank.ids, route.rows))
         return torch.ops.memoir.routed_residual(self.base(a), a, self.memory, self.bank.words, route.rows,
                                                 self.top_k)
 

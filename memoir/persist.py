@@ -95,6 +95,8 @@ def save_editor(editor, path) -> None:
                          subject_key_ids=layer.subject.edit_ids.contiguous().cpu(),
                          subject_key_groups=layer.subject.groups.contiguous().cpu(),
                          subject_mean=layer.subject.mean.contiguous().cpu())
+        if layer.private is not None:
+            state.update(layer.private.state())
         if editor.config.threshold_mode == "auto":
             state["background_masks"] = editor.background_masks().contiguous().cpu()
         save_file(state, str(tmp / STATE_FILE))
@@ -170,6 +172,8 @@ def check_state(state: dict, meta: _Fields, config: MemoirConfig, state_path: pa
         bad("bank_edit_ids", "repeats an edit id")
     if len(ids) and not bool((popcounts(words) == config.top_k).all()):
         bad("bank_words", f"has a mask without exactly top_k = {config.top_k} columns")
+    if config.memory == "private":
+        check_private(state, ids, config, bad)
     records = [e["edit_id"] if isinstance(e, dict) and "edit_id" in e else None for e in meta["edits"]]
     if sorted(records, key=str) != sorted(ids, key=str):
         raise ValueError(f"{state_path.parent / CONFIG_FILE}: its edits ({len(records)}) are not the bank's "
@@ -177,6 +181,23 @@ def check_state(state: dict, meta: _Fields, config: MemoirConfig, state_path: pa
     if ids and max(ids) >= int(meta["next_edit_id"]):
         raise ValueError(f"{state_path.parent / CONFIG_FILE}: next_edit_id {meta['next_edit_id']} is not above "
                          f"every stored edit id")
+
+
+def check_private(state: dict, bank_ids: list[int], config: MemoirConfig, bad) -> None:
+    """The private blocks of memory "private": one per stored edit, shapes that fit the config."""
+    names = ("private_ids", "private_cols", "private_u", "private_v")
+    for name in names:
+        if name not in state:
+            bad(name, "is missing (the config says memory 'private')")
+    ids, cols, u, v = (state[n] for n in names)
+    if sorted(ids.tolist()) != sorted(bank_ids):
+        bad("private_ids", f"holds blocks of edits {sorted(ids.tolist())[:8]}... but the bank {sorted(bank_ids)[:8]}...")
+    n, k, r = len(bank_ids), config.top_k, config.private_rank
+    if cols.shape != (n, k) or v.shape != (n, r, k) or u.dim() != 3 or u.shape[0] != n or u.shape[2] != r:
+        bad("private_cols/u/v", f"have shapes {tuple(cols.shape)}, {tuple(u.shape)}, {tuple(v.shape)} for {n} edits "
+                                f"of top_k {k} at private_rank {r}")
+    if n and (int(cols.min()) < 0 or int(cols.max()) >= state["memory"].shape[1]):
+        bad("private_cols", "names a column outside the memory")
 
 
 def read_save(path: pathlib.Path):
@@ -231,6 +252,8 @@ def load_editor(cls, model, tokenizer, path):
             layer.subject.edit_ids = state["subject_key_ids"].to(device)
             layer.subject.groups = state["subject_key_groups"].to(device)
             layer.subject.mean = state["subject_mean"].to(device)
+        if layer.private is not None:
+            layer.private.load(state, layer.memory.device)
         if "background_masks" in state:
             editor._background_masks = state["background_masks"].to(layer.memory.device)
         editor.calibrate_threshold()
@@ -253,7 +276,7 @@ def describe(path) -> dict:
         "path": str(path),
         "format": meta["format"],
         "target": meta["target"],
-        "config": {k: getattr(config, k) for k in ("layer", "top_k", "threshold", "threshold_mode", "router")},
+        "config": {k: getattr(config, k) for k in ("layer", "top_k", "threshold", "threshold_mode", "router", "memory")},
         "edits": meta["edits"],
         "removed_edit_ids": meta["removed_edit_ids"],
         "next_edit_id": meta["next_edit_id"],

@@ -1,0 +1,166 @@
+"""memory: private: each edit keeps its own low-rank block, which no later edit can overwrite."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memoir import MemoirConfig, MemoirEditor
+from memoir.private import PrivateBlocks, private_residual
+from memoir.route import Route
+from test_faults import BACKGROUND, teacher_forced
+from tiny import tiny_model
+
+FACTS = [("the eiffel tower is located in the city of", "rome"),
+         ("the capital of japan is", "berlin"),
+         ("the longest river is the", "saturn"),
+         ("who wrote the book ? the author", "london")]
+
+
+def make_editor(memory="private", **overrides):
+    model, tok = tiny_model("llama")
+    cfg = MemoirConfig(**{"n_iter": 40, "num_context_templates": 0, "threshold": 0.6, "memory": memory,
+                          "on_conflict": "keep", **overrides})
+    return MemoirEditor(model, tok, cfg, background_texts=BACKGROUND)
+
+
+def routed_logits(editor, prompt, target, edit_id):
+    """Teacher-forced logits of ``prompt + target`` with every row routed to ``edit_id``'s bank row."""
+    from memoir.batching import build_batch
+
+    batch = build_batch(editor.tokenizer, [prompt], target)
+    row = editor.layer.bank.edit_ids.index(edit_id)
+    with torch.no_grad(), editor.layer.using_route(Route.to_row(row, 1)):
+        return editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+# ---------------------------------------------------------------------------- the store and the op
+def test_blocks_factorise_exactly_up_to_the_rank_and_report_what_truncation_drops():
+    torch.manual_seed(0)
+    blocks = PrivateBlocks(out_features=12, top_k=7, rank=3)
+    low = torch.randn(12, 2) @ torch.randn(2, 7)
+    assert blocks.add(5, torch.arange(7), low) == pytest.approx(1.0)
+    torch.testing.assert_close(blocks.block(5), low, rtol=1e-5, atol=1e-5)
+    full = torch.randn(12, 7)
+    kept = blocks.add(9, torch.arange(7) + 2, full)
+    s = torch.linalg.svdvals(full)
+    assert kept == pytest.approx(float((s[:3] ** 2).sum() / (s ** 2).sum()), rel=1e-5)
+    assert kept < 1.0
+    blocks.pop(5)
+    assert blocks.ids.tolist() == [9] and blocks.u.shape == (1, 12, 3) and blocks.cols[0, 0] == 2
+
+
+@pytest.mark.parametrize("layout", ["bsd", "flat", "strided"])
+def test_private_residual_matches_a_dense_reference(layout):
+    torch.manual_seed(1)
+    b, s, d, out, k, r = 3, 5, 16, 8, 6, 2
+    u, v = torch.randn(4, out, r), torch.randn(4, r, k)
+    cols = torch.stack([torch.randperm(d)[:k] for _ in range(4)])
+    a = torch.randn(b, s, d)
+    if layout == "strided":
+        a = torch.randn(b, s, 2 * d)[..., ::2]  # non-contiguous input
+    y = torch.randn(b, s, out)
+    index = torch.tensor([2, -1, 0])
+    expected = y.clone()
+    for i, j in enumerate(index.tolist()):
+        if j >= 0:
+            block = torch.zeros(out, d)
+            block[:, cols[j]] = u[j] @ v[j]
+            expected[i] = y[i] + F.linear(a[i], block)
+    if layout == "flat":
+        got = private_residual(y.reshape(b * s, out), a.reshape(b * s, d), u, v, cols, index).reshape(b, s, out)
+    else:
+        got = private_residual(y, a, u, v, cols, index)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], y[1]), "an unrouted row must be the base output itself"
+
+
+def test_index_maps_bank_rows_to_blocks_in_any_order():
+    blocks = PrivateBlocks(out_features=4, top_k=2, rank=1)
+    for edit_id in (7, 3):
+        blocks.add(edit_id, torch.tensor([0, 1]), torch.ones(4, 2))
+    bank_ids = torch.tensor([3, 7, 11])  # edit 11 has no block
+    assert blocks.index_for(bank_ids, torch.tensor([1, 0, -1, 2])).tolist() == [0, 1, -1, -1]
+    assert PrivateBlocks(4, 2, 1).index_for(bank_ids, torch.tensor([0])).tolist() == [-1]
+
+
+# ---------------------------------------------------------------------------- the editor
+def test_a_first_edit_gives_the_shared_memory_result_and_the_shared_memory_stays_empty():
+    shared, private = make_editor("shared"), make_editor("private", private_rank=64)
+    for editor in (shared, private):
+        editor.edit(*FACTS[0])
+    assert private.layer.memory.abs().max() == 0
+    assert len(private.layer.private) == 1
+    torch.testing.assert_close(routed_logits(private, *FACTS[0], 0), routed_logits(shared, *FACTS[0], 0),
+                               rtol=1e-4, atol=1e-4)
+    assert teacher_forced(private, *FACTS[0])[1]
+
+
+def test_later_edits_leave_an_earlier_edits_output_bit_identical():
+    editor = make_editor()
+    editor.edit(*FACTS[0])
+    before = routed_logits(editor, *FACTS[0], 0)
+    for fact in FACTS[1:]:
+        editor.edit(*fact)
+    assert torch.equal(routed_logits(editor, *FACTS[0], 0), before)
+    # The shared memory does move the first edit (the property private blocks add).
+    shared = make_editor("shared")
+    shared.edit(*FACTS[0])
+    first = routed_logits(shared, *FACTS[0], 0)
+    for fact in FACTS[1:]:
+        shared.edit(*fact)
+    assert not torch.equal(routed_logits(shared, *FACTS[0], 0), first)
+
+
+def test_remove_and_rollback_restore_the_blocks():
+    editor = make_editor()
+    unrelated = "i live in london"
+    base = editor.generate(unrelated, max_new_tokens=4)
+    editor.edit(*FACTS[0])
+    r = editor.edit(*FACTS[1])
+    editor.remove(r.edit_id)
+    assert editor.layer.private.ids.tolist() == [0]
+    assert editor.generate(unrelated, max_new_tokens=4) == base
+    snap = editor.layer.private.snapshot()
+    editor.config.n_iter = 0  # an edit that cannot converge, rolled back
+    res = editor.edit(*FACTS[3], on_unconverged="rollback")
+    assert not res.kept
+    assert all(torch.equal(a, b) for a, b in zip(editor.layer.private.snapshot(), snap))
+    assert editor.layer.memory.abs().max() == 0
+
+
+def test_save_and_load_keep_the_blocks_and_check_them(tmp_path):
+    editor = make_editor()
+    for fact in FACTS[:3]:
+        editor.edit(*fact)
+    expected = [routed_logits(editor, p, t, i) for i, (p, t) in enumerate(FACTS[:3])]
+    editor.save(tmp_path / "m")
+    model, tok = tiny_model("llama")
+    loaded = MemoirEditor.load(model, tok, tmp_path / "m")
+    assert loaded.config.memory == "private"
+    for i, (p, t) in enumerate(FACTS[:3]):
+        assert torch.equal(routed_logits(loaded, p, t, i), expected[i])
+    assert [r.edit_id for r in loaded.retrieve([p for p, _ in FACTS[:3]])] == \
+        [r.edit_id for r in editor.retrieve([p for p, _ in FACTS[:3]])]
+
+
+def test_a_save_whose_blocks_do_not_match_the_bank_is_refused(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from memoir import persist
+
+    editor = make_editor()
+    for fact in FACTS[:2]:
+        editor.edit(*fact)
+    editor.save(tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / persist.STATE_FILE))
+    state["private_ids"] = torch.tensor([0, 5])
+    save_file(state, str(tmp_path / "m" / persist.STATE_FILE))
+    meta_path = tmp_path / "m" / persist.CONFIG_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["state_sha256"] = persist._sha256(tmp_path / "m" / persist.STATE_FILE)
+    meta["config_sha256"] = persist.meta_checksum(meta)
+    meta_path.write_text(json.dumps(meta))
+    model, tok = tiny_model("llama")
+    with pytest.raises(ValueError, match="private_ids"):
+        MemoirEditor.load(model, tok, tmp_path / "m")
