@@ -1,50 +1,57 @@
-"""Markdown table of every evaluation JSON under benchmarks/results/eval/ (for the README).
+"""Markdown table of the evaluation JSON files in one or more folders.
 
-    python benchmarks/summarise_eval.py            # print it
-    python benchmarks/summarise_eval.py --readme   # replace the table between README's eval-table markers
+    python benchmarks/summarise_eval.py                                  # print the headline runs
+    python benchmarks/summarise_eval.py experiments/results/eval         # print the ablations
+    python benchmarks/summarise_eval.py --write docs/results.md          # refresh its eval-table block
+
+File names are ``<data>_<run>_n<N>.json``; ``<run>`` names the method and variant (``memoir-private``).
 """
+import argparse
 import json
 import pathlib
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "eval"
-COLS = ("rel", "gen", "loc", "mean", "rel_em", "gen_em", "rel_ppl", "route_gen", "route_loc_any")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COLS = ("rel", "gen", "gen_all", "loc", "nbr_spec", "nbr_fire", "mean", "rel_em", "gen_em", "route_gen")
+START, END = "<!-- eval-table -->\n", "<!-- /eval-table -->"
 
 
 def fmt(v):
     return "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def table() -> list[str]:
+def table(folders) -> list[str]:
     rows = []
-    for path in sorted(ROOT.glob("*.json")):
-        d = json.loads(path.read_text())
-        if "method" not in d:
-            continue
-        # File names are <data>_<run>_n<N>.json; <run> names the method and variant (memoir-protect).
-        run = path.stem.split("_")[1]
-        rows.append((path.stem.split("_")[0], run, d["n_edits"], d))
-    rows.sort(key=lambda r: (r[0], r[2], r[1]))
+    for folder in folders:
+        for path in sorted(pathlib.Path(folder).glob("*.json")):
+            d = json.loads(path.read_text())
+            if "method" not in d:
+                continue
+            data, run = path.stem.split("_")[:2]
+            rows.append((data, d["n_edits"], run, d))
+    rows.sort(key=lambda r: r[:3])
     lines = ["| data | run | N | " + " | ".join(COLS) + " | s/edit |", "|---" * (len(COLS) + 4) + "|"]
-    for data, run, n, d in rows:
+    for data, n, run, d in rows:
         lines.append(f"| {data} | {run} | {n} | " + " | ".join(fmt(d.get(c)) for c in COLS)
                      + f" | {d.get('edit_seconds_mean', 0):.1f} |")
     return lines
 
 
 def main():
-    lines = table()
-    if "--readme" not in sys.argv[1:]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folders", nargs="*", default=[str(ROOT / "benchmarks" / "results" / "eval")])
+    ap.add_argument("--write", metavar="MARKDOWN", help="replace the table between this file's eval-table markers")
+    args = ap.parse_args()
+    lines = table(args.folders)
+    if not args.write:
         print("\n".join(lines))
         return
-    readme = ROOT.parents[2] / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- eval-table -->\n", "<!-- /eval-table -->"
-    if start not in text or end not in text:
-        raise SystemExit(f"{readme}: eval-table markers not found")
-    head, rest = text.split(start, 1)
-    readme.write_text(head + start + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
-    print(f"updated {readme} ({len(lines) - 2} runs)")
+    doc = pathlib.Path(args.write)
+    text = doc.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{doc}: eval-table markers not found")
+    head, rest = text.split(START, 1)
+    doc.write_text(head + START + "\n".join(lines) + "\n" + END + rest.split(END, 1)[1])
+    print(f"updated {doc} ({len(lines) - 2} runs)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Routing sweep on SmolLM2: how well TopHash masks separate prompts, per layer / k / feature option.
 
-No editing happens here: for the first N public ZsRE records we compute the TopHash mask of each
-edit prompt (the bank), of its rephrase and of its unrelated NQ `loc` prompt, then measure
+No editing happens here: for the first N public ZsRE records it computes the TopHash mask of each
+edit prompt (the bank), of its rephrase and of its unrelated NQ `loc` prompt, then measures
 - gen_hit(tau): the rephrase's best match is its own edit and scores >= tau (generalisation bound),
 - loc_fp(tau): the loc prompt's best score >= tau (a false positive hurts locality),
 - the median overlap of unrelated pairs of edit prompts (minimal-overwrite: lower is better).

@@ -4,7 +4,8 @@
    record, and whether those records want the same answer (``memoir.eval.conflicts``).
 2. Capacity: target tokens (= stored keys) against the edited layer's input width D, and how many
    edits own each memory column on average (N * k / D).
-3. Every finished run on the file (``zsre_*_n<N>.json`` under benchmarks/results/eval/): Rel, Gen and
+3. Every finished run on the file (``zsre_*_n<N>.json`` under benchmarks/results/eval/ and
+   experiments/results/eval/): Rel, Gen and
    how often a rephrase is routed to its own edit, split by conflict class.
 
 Writes experiments/results/zsre_conflicts.json.
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(ZSRE))
     ap.add_argument("--n", type=int, default=732)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--runs", default=str(RESULTS / "eval"), help="folder of memoir eval JSONs")
+    ap.add_argument("--runs", nargs="+", default=[str(RESULTS / "eval"), str(ROOT / "experiments" / "results" / "eval")],
+                    help="folders of memoir eval JSONs")
     ap.add_argument("--output", default=str(ROOT / "experiments" / "results" / "zsre_conflicts.json"))
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
 
     runs = {}
     stem = pathlib.Path(args.data).stem
-    for path in sorted(pathlib.Path(args.runs).glob(f"zsre_*_n{args.n}.json")):
+    for path in sorted(p for folder in args.runs for p in pathlib.Path(folder).glob(f"zsre_*_n{args.n}.json")):
         result = json.loads(path.read_text())
         if pathlib.Path(result.get("data", "")).stem != stem or result.get("offset", 0) != 0:
             continue

@@ -10,15 +10,15 @@ import textwrap
 import time
 
 # A handful of counterfactual edits the default model knows the true answer to (prompt, new
-# answer, subject), each with a rephrasing that was never edited; plus unrelated prompts that must
-# keep their answers.
+# answer, subject), each with a rephrasing that was never edited and that the unedited model also
+# answers with the true fact; plus unrelated prompts that must keep their answers.
 DEMO_EDITS = [
     ("The Eiffel Tower is located in the city of", "Rome", "Eiffel Tower",
      "Where is the Eiffel Tower? It stands in the city of"),
-    ("The capital of Japan is", "Nairobi", "Japan", "Japan's capital city is"),
+    ("The capital of Japan is", "Nairobi", "Japan", "The capital city of Japan is called"),
     ("Romeo and Juliet was written by", "Charles Dickens", "Romeo and Juliet",
-     "The author of the play Romeo and Juliet is"),
-    ("The Mona Lisa was painted by", "Vincent van Gogh", "Mona Lisa", "The painter of the Mona Lisa is"),
+     "Who wrote Romeo and Juliet? It was written by"),
+    ("The Mona Lisa was painted by", "Vincent van Gogh", "Mona Lisa", "Who painted the Mona Lisa? It was painted by"),
 ]
 DEMO_UNRELATED = [
     "Water is made of hydrogen and",
@@ -213,9 +213,9 @@ def cmd_info(args) -> int:
 def cmd_config(args) -> int:
     from memoir.config import MemoirConfig, markdown_table, rewrite_table
 
-    if args.readme:
-        rewrite_table(args.readme)
-        print(f"rewrote the configuration table in {args.readme}")
+    if args.write:
+        rewrite_table(args.write)
+        print(f"rewrote the configuration table in {args.write}")
     elif args.preset:
         print(MemoirConfig.preset(args.preset).to_yaml(), end="")
     else:
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="every MemoirConfig field (default, allowed values, meaning) or a preset")
     c.add_argument("--preset", help="print this shipped preset's fields as YAML")
-    c.add_argument("--readme", help="rewrite the generated table in this Markdown file")
+    c.add_argument("--write", metavar="MARKDOWN", help="rewrite the generated table in this Markdown file")
     c.set_defaults(func=cmd_config)
 
     s = sub.add_parser("inspect", help="show what a saved memory holds (edits, target, routing), checked")

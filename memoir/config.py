@@ -266,19 +266,14 @@ class MemoirConfig(DictFields):
 
     @classmethod
     def load(cls, path) -> "MemoirConfig":
-        """A config file: its fields, or ``base: <preset>`` plus the fields it changes."""
+        """A config file: its fields, or ``base: <preset or file>`` plus the fields it changes."""
         return cls.from_mapping(read_mapping(path), source=str(path))
 
     @classmethod
     def from_mapping(cls, data: dict, source: str | None = None) -> "MemoirConfig":
-        """:meth:`from_dict`, where ``base: <preset>`` stands for that preset's fields."""
-        data = dict(data)
-        base = data.pop("base", None)
-        if base is not None:
-            if not isinstance(base, str):
-                raise ValueError(f"{source or 'config'}: 'base' must name a preset, got {base!r}")
-            data = {**cls.preset(base).to_dict(), **data}
-        return cls.from_dict(data, source=source)
+        """:meth:`from_dict`, where ``base:`` stands for the fields of a shipped preset (a name) or of
+        another config file (a ``.yaml`` / ``.json`` path, relative to this file's folder)."""
+        return cls.from_dict(_resolve_base(dict(data), source, ()), source=source)
 
     @classmethod
     def preset(cls, name: str) -> "MemoirConfig":
@@ -294,6 +289,25 @@ class MemoirConfig(DictFields):
     def fits(self, signature: dict) -> bool:
         """Whether this config was tuned for a model with this signature (or for no model in particular)."""
         return all(signature.get(k) == v for k, v in self.tuned_for.items())
+
+
+def _resolve_base(data: dict, source: str | None, chain: tuple) -> dict:
+    """``data`` with its ``base:`` replaced by the fields it names (files may chain, never in a loop)."""
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    where = source or "config"
+    if not isinstance(base, str):
+        raise ValueError(f"{where}: 'base' must name a preset or a config file, got {base!r}")
+    if not base.endswith((".yaml", ".yml", ".json")):
+        return {**MemoirConfig.preset(base).to_dict(), **data}
+    folder = pathlib.Path(source).parent if source and not source.startswith("preset ") else pathlib.Path.cwd()
+    path = (folder / base).resolve()
+    if path in chain:
+        raise ValueError(f"{where}: 'base' files form a loop ({' -> '.join(map(str, chain + (path,)))})")
+    if not path.is_file():
+        raise ValueError(f"{where}: base config file {base!r} not found (looked for {path})")
+    return {**_resolve_base(read_mapping(path), str(path), chain + (path,)), **data}
 
 
 def preset_names() -> list[str]:

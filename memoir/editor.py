@@ -384,8 +384,9 @@ class MemoirEditor(PromptRouting):
     def remove(self, edit_id: int) -> None:
         """Forget a stored edit: its mask leaves the bank and its keys leave the key stores, so the
         prompts it answered get the unedited model's answer back exactly (rows routed to no edit
-        never read the memory); the other edits keep theirs.  Its memory columns stay, shared with
-        others.  The id is listed in ``editor.removed`` and saved with it."""
+        never read the memory); the other edits keep theirs.  Under ``memory: "shared"`` its memory
+        columns stay, shared with others; under ``"private"`` its block goes with it.  The id is
+        listed in ``editor.removed`` and saved with it."""
         if edit_id not in self._records:
             raise KeyError(f"no stored edit {edit_id}; stored: {sorted(self._records)}")
         with editing.EditTransaction(self):

@@ -1,4 +1,4 @@
-"""Typed config fields, presets that know their model, the generated README table, peft-style verbs."""
+"""Typed config fields, presets that know their model, the generated configuration table, peft-style verbs."""
 import logging
 import re
 import pathlib
@@ -52,11 +52,12 @@ def test_preset_takes_names_only():
             MemoirConfig.preset(name)
 
 
-def test_readme_config_table_is_generated_from_the_field_metadata():
-    readme = (ROOT / "README.md").read_text()
-    found = re.search(r"<!-- config-table:start -->\n(.*?)\n<!-- config-table:end -->", readme, re.S)
-    assert found, "README.md lacks the generated configuration table"
-    assert found.group(1) == config_mod.markdown_table(), "regenerate it: memoir config --readme README.md"
+def test_configuration_doc_table_is_generated_from_the_field_metadata():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    found = re.search(r"<!-- config-table:start -->\n(.*?)\n<!-- config-table:end -->", doc, re.S)
+    assert found, "docs/configuration.md lacks the generated configuration table"
+    assert found.group(1) == config_mod.markdown_table(), \
+        "regenerate it: memoir config --write docs/configuration.md"
 
 
 def test_every_field_has_help_and_a_type():
@@ -120,3 +121,21 @@ def test_peft_style_verbs(tmp_path):
     assert {"model.layers.2.mlp.down_proj.memory", "model.layers.2.mlp.down_proj.base.weight"} <= keys
     again.unload()
     assert not any("memory" in k for k in model.state_dict())
+
+
+def test_a_config_file_may_start_from_another_file(tmp_path):
+    (tmp_path / "shared.yaml").write_text("base: smollm2\nmemory: shared\ncolumn_protection: 1.0\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "k96.yaml").write_text("base: ../shared.yaml\ntop_k: 96\n")
+    cfg = MemoirConfig.load(sub / "k96.yaml")
+    preset = MemoirConfig.preset("smollm2")
+    assert (cfg.memory, cfg.column_protection, cfg.top_k) == ("shared", 1.0, 96)
+    assert cfg.router == preset.router and cfg.lr == preset.lr
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="loop"):
+        MemoirConfig.load(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ValueError, match="not found"):
+        MemoirConfig.load(tmp_path / "c.yaml")

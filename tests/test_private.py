@@ -110,6 +110,19 @@ def test_later_edits_leave_an_earlier_edits_output_bit_identical():
     assert not torch.equal(routed_logits(shared, *FACTS[0], 0), first)
 
 
+def test_the_shared_memory_options_do_not_change_private_edits():
+    # Column protection, preservation and neighbour checks act on a shared memory; private blocks
+    # have nothing for them to protect, so setting them leaves every edit bit-identical.
+    plain = make_editor()
+    loaded = make_editor(column_protection=1.0, column_protection_mode="relative", preserve_neighbours=8,
+                         preserve_min_overlap=0.0, preserve_energy=0.9, check_neighbours=4)
+    for editor in (plain, loaded):
+        for fact in FACTS:
+            editor.edit(*fact)
+    assert all(torch.equal(a, b) for a, b in zip(plain.layer.private.snapshot(), loaded.layer.private.snapshot()))
+    assert [r.loss for r in plain.edits()] == [r.loss for r in loaded.edits()]
+
+
 def test_remove_and_rollback_restore_the_blocks():
     editor = make_editor()
     unrelated = "i live in london"

@@ -108,3 +108,23 @@ PROBES = {
     "Hamlet was written by": None,
     "The Louvre is located in the city of": None,
 }
+
+
+def test_the_demo_edits_reach_their_rephrasings_and_spare_similar_prompts(smollm2):
+    """``memoir demo``'s facts with the shipped preset: every rephrasing answers with the new fact,
+    every same-wording prompt about another subject keeps the unedited answer."""
+    from memoir.cli import DEMO_EDITS, DEMO_SIMILAR
+
+    model, tok = smollm2
+    editor = memoir.MemoirEditor(model, tok)
+    try:
+        with editor.disabled():
+            before = editor.generate(DEMO_SIMILAR, max_new_tokens=6)
+        for prompt, target, subject, _ in DEMO_EDITS:
+            editor.edit(prompt, target, subject=subject)
+        rephrased = editor.generate([r for _, _, _, r in DEMO_EDITS], max_new_tokens=8)
+        assert all(o.strip().startswith(t) for o, (_, t, _, _) in zip(rephrased, DEMO_EDITS)), rephrased
+        assert editor.generate(DEMO_SIMILAR, max_new_tokens=6) == before
+        assert all(r.edit_id is None for r in editor.retrieve(DEMO_SIMILAR))
+    finally:
+        editor.unload()
