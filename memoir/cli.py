@@ -149,9 +149,18 @@ def cmd_edit(args) -> int:
         from tqdm.auto import tqdm
 
         results = []
+        if args.batch_size < 1:
+            raise SystemExit(f"--batch-size {args.batch_size}: must be >= 1")
+        if args.batch_size > 1 and editor.layer.private is None:
+            raise SystemExit("--batch-size > 1 needs memory: private (the smollm2 preset's layout)")
         try:
-            for r in tqdm(requests, desc="editing", unit="edit", disable=args.quiet):
-                results.append(editor.edit(r.prompt, r.target, r.subject))
+            bar = tqdm(total=len(requests), desc="editing", unit="edit", disable=args.quiet)
+            for start in range(0, len(requests), args.batch_size):
+                chunk = requests[start: start + args.batch_size]
+                results.extend(editor.edit_many(chunk, progress=False, batch_size=len(chunk)) if len(chunk) > 1
+                               else [editor.edit(chunk[0].prompt, chunk[0].target, chunk[0].subject)])
+                bar.update(len(chunk))
+            bar.close()
         except KeyboardInterrupt:
             print(f"interrupted after {len(results)} of {len(requests)} edits", file=sys.stderr)
             raise
@@ -243,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(e)
     e.add_argument("requests", help="JSON list or JSONL of {\"prompt\": ..., \"target\": ...}")
     e.add_argument("--save", help="directory to save the edits to (reload with MemoirEditor.load)")
+    e.add_argument("--batch-size", type=int, default=1, help="train this many edits together (memory private)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_edit)
 

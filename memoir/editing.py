@@ -10,7 +10,9 @@
 * :func:`gradient_transforms`: the ordered list of in-place changes to the memory gradient
   (column protection, decay of the active columns, projection, clipping);
 * :func:`optimise`: the training loop over the memory, every row routed to the edit's own mask;
-  it stops at the first non-finite value (:class:`EditDiverged`) and reports the kept memory's loss.
+  it stops at the first non-finite value (:class:`EditDiverged`) and reports the kept memory's loss;
+* :func:`joint_batch`, :func:`optimise_many`, :func:`routed_losses`: several edits trained together
+  on the scratch memory (``memory: private``), each row under its own edit's mask.
 """
 from __future__ import annotations
 
@@ -299,3 +301,128 @@ def optimise(editor, inputs: EditInputs, row: int, transforms: list[GradTransfor
         memory.requires_grad_(False)
         memory.grad = None
     return Training(steps, loss_value, converged)
+
+
+# ---------------------------------------------------------------------------- batched editing
+@dataclass
+class JointBatch:
+    """The rows of several edits in one batch: edit ``e`` owns rows ``owner == e``."""
+
+    batch: Batch
+    owner: torch.Tensor  # [rows] index of the edit each row belongs to
+    replay_output: object  # output of the layer below the edited one (None: full forward)
+    n_target: int  # the longest target, in tokens
+    first: torch.Tensor  # [E] each edit's first row (its bare prompt)
+
+
+@torch.no_grad()
+def joint_batch(editor, inputs: list[EditInputs]) -> JointBatch:
+    """Every row of every edit, left padded to one length, and one frozen pass for the replay."""
+    tok, device = editor.tokenizer, editor.device
+    prompts, targets, owner = [], [], []
+    for e, one in enumerate(inputs):
+        b = one.batch
+        for r in range(b.input_ids.shape[0]):
+            ids = b.input_ids[r][b.prompt_mask[r]].tolist()
+            prompts.append(ids)
+            targets.append(b.input_ids[r][b.target_mask[r]].tolist())
+            owner.append(e)
+    length = max(len(p) + len(t) for p, t in zip(prompts, targets))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    n = len(prompts)
+    ids = torch.full((n, length), pad, dtype=torch.long)
+    attn = torch.zeros((n, length), dtype=torch.long)
+    pmask = torch.zeros((n, length), dtype=torch.bool)
+    tmask = torch.zeros((n, length), dtype=torch.bool)
+    for r, (p, t) in enumerate(zip(prompts, targets)):
+        start = length - len(p) - len(t)
+        ids[r, start:] = torch.tensor(p + t, dtype=torch.long)
+        attn[r, start:] = 1
+        pmask[r, start: start + len(p)] = True
+        tmask[r, start + len(p):] = True
+    batch = Batch(ids, attn, pmask, tmask).to(device)
+    with editor.disabled(), capture_below(editor.target, enabled=not editor.full_forward) as replay_output:
+        editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                     **keep_logits(editor.model, 1))
+    first = [owner.index(e) for e in range(len(inputs))]
+    return JointBatch(batch, torch.tensor(owner, device=device), replay_output[0] if replay_output else None,
+                      int(tmask.sum(dim=1).max()), torch.tensor(first, device=device))
+
+
+def per_edit_losses(logits: torch.Tensor, joint: JointBatch, n_edits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean target cross-entropy per edit [E], whether each edit's first row predicts all its
+    target tokens [E])`` from the logits of the last ``n_target + 1`` positions."""
+    labels = joint.batch.labels[:, -joint.n_target:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                         reduction="none", ignore_index=-100).view(labels.shape)
+    valid = (labels != -100).float()
+    per_row, count = (ce * valid).sum(dim=1), valid.sum(dim=1)
+    losses = torch.zeros(n_edits, device=ce.device).index_add_(0, joint.owner, per_row)
+    losses = losses / torch.zeros(n_edits, device=ce.device).index_add_(0, joint.owner, count)
+    hit = ((logits.argmax(-1) == labels) | (labels == -100)).all(dim=1)
+    return losses, hit[joint.first]
+
+
+def optimise_many(editor, joint: JointBatch, bank_rows: list[int], dense_union: torch.Tensor) -> int:
+    """SGD on the scratch memory for several edits at once, each row under its own edit's mask.
+
+    The loss is the sum of the edits' mean losses, so each edit's columns get the gradient they
+    would get alone; the norm clip grows with sqrt(E) for the same reason (masks mostly do not
+    overlap).  Stops when every edit's loss meets the early-stop rule or after ``n_iter`` steps;
+    returns the number of steps.  Non-finite values raise :class:`EditDiverged`.
+    """
+    cfg, model, memory = editor.config, editor.model, editor.layer.memory
+    batch, n_edits = joint.batch, len(bank_rows)
+    decay = cfg.weight_decay if cfg.decay_scope == "all" else 0.0
+    opt = torch.optim.SGD([memory], lr=cfg.lr, weight_decay=decay)
+    keep = {} if editor.full_forward else keep_logits(model, joint.n_target + 1)
+    rows = torch.tensor(bank_rows, dtype=torch.int64, device=memory.device)[joint.owner.to(memory.device)]
+    route = Route(rows, torch.ones(len(rows), device=memory.device))
+    active = dense_union.to(memory.device, memory.dtype)
+    clip = cfg.grad_clip * math.sqrt(n_edits)
+    steps, prev = 0, None
+    memory.requires_grad_(True)
+    flushing = memory.device.type == "cpu" and torch.set_flush_denormal(True)  # as in optimise
+    try:
+        with replaying_below(editor.target, joint.replay_output), contiguous_head(model), torch.enable_grad(), \
+                editor.layer.using_route(route):
+            while True:
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                               **keep).logits[:, -(joint.n_target + 1): -1]
+                losses, _ = per_edit_losses(logits, joint, n_edits)
+                values = losses.detach()
+                if not bool(torch.isfinite(values).all()):
+                    raise EditDiverged(f"a batched edit diverged after {steps} steps (lr={cfg.lr}); nothing was kept")
+                if steps == cfg.n_iter or (cfg.early_stop and prev is not None
+                                           and bool(((values - prev).abs() <= cfg.early_stop_delta).all())
+                                           and bool((values <= cfg.early_stop_loss).all())):
+                    break
+                prev = values
+                opt.zero_grad(set_to_none=True)
+                losses.sum().backward()
+                if cfg.decay_scope == "active" and cfg.weight_decay > 0:
+                    memory.grad.add_(memory.detach() * active, alpha=cfg.weight_decay)
+                torch.nn.utils.clip_grad_norm_([memory], clip)
+                opt.step()
+                steps += 1
+                if not bool(torch.isfinite(memory).all()):
+                    raise EditDiverged(f"a batched edit diverged: non-finite memory after step {steps}; "
+                                       "nothing was kept")
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
+        memory.requires_grad_(False)
+        memory.grad = None
+    return steps
+
+
+@torch.no_grad()
+def routed_losses(editor, joint: JointBatch, bank_rows: list[int]) -> tuple[list[float], list[bool]]:
+    """Per edit, the loss and convergence of its stored block (every row routed to its edit)."""
+    model = editor.model
+    rows = torch.tensor(bank_rows, dtype=torch.int64, device=editor.device)[joint.owner]
+    with editor.layer.using_route(Route(rows, torch.ones(len(rows), device=editor.device))):
+        logits = model(input_ids=joint.batch.input_ids, attention_mask=joint.batch.attention_mask, use_cache=False,
+                       **keep_logits(model, joint.n_target + 1)).logits[:, -(joint.n_target + 1): -1]
+    losses, hit = per_edit_losses(logits, joint, len(bank_rows))
+    return losses.tolist(), hit.tolist()

@@ -331,7 +331,8 @@ class MemoirEditor(PromptRouting):
             else:
                 training = editing.optimise(self, inputs, row, transforms)
             result = EditResult(edit_id, request.prompt, request.target, training.steps, training.loss, 0.0,
-                                tuple(preserved), replaced, training.converged, True, request.subject)
+                                preserved=tuple(preserved), replaced=replaced, converged=training.converged,
+                                subject=request.subject)
             if not training.converged and unconverged == "rollback":
                 txn.rollback()
                 result.edit_id, result.preserved, result.replaced, result.kept = None, (), (), False
@@ -393,8 +394,9 @@ class MemoirEditor(PromptRouting):
             self._forget(edit_id)
             self.calibrate_threshold()
 
-    def _forget(self, edit_id: int) -> None:
-        """Drop an edit's bank row, keys and record (inside a transaction)."""
+    def _forget(self, edit_id: int, record: bool = True) -> None:
+        """Drop an edit's bank row, keys and record (inside a transaction); ``record``: list its id
+        in ``removed`` (False for an edit that is rolled back, as if never made)."""
         row = self.layer.bank.edit_ids.index(edit_id)
         self.layer.bank.remove_row(row)
         self.keys.pop(edit_id)
@@ -403,7 +405,8 @@ class MemoirEditor(PromptRouting):
         if self.layer.private is not None:
             self.layer.private.pop(edit_id)
         self._records.pop(edit_id, None)
-        self.removed.append(edit_id)
+        if record:
+            self.removed.append(edit_id)
 
     def _store_mask(self, packed: torch.Tensor, request: EditRequest) -> tuple[int, int]:
         """Store the edit's mask (the caller records the edit); returns ``(edit id, bank row)``."""
@@ -426,18 +429,100 @@ class MemoirEditor(PromptRouting):
         return edit_id, row
 
     def edit_many(self, requests, progress: bool = True, on_conflict: str | None = None,
-                  on_unconverged: str | None = None) -> list[EditResult]:
-        """Apply a stream of edits one after another (``EditRequest``, dicts or pairs); every request
-        is checked before the first edit starts."""
+                  on_unconverged: str | None = None, batch_size: int = 1) -> list[EditResult]:
+        """Apply a stream of edits (``EditRequest``, dicts or pairs); every request is checked before
+        the first edit starts.
+
+        ``batch_size`` 1 edits one after another.  Under ``memory: "private"`` a larger batch trains
+        that many edits in one optimisation, each row under its own edit's mask, then stores them as
+        separate edits (:meth:`_edit_batch`); each batch is all or nothing like one edit.
+        """
         from tqdm.auto import tqdm
 
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be an int >= 1")
+        if batch_size > 1 and self.layer.private is None:
+            raise ValueError("batch_size > 1 needs memory: private (in a shared memory an edit is trained "
+                             "against the edits before it, one at a time)")
+        policy = on_conflict or self.config.on_conflict
+        if policy not in CONFLICT_POLICIES:
+            raise ValueError(f"on_conflict={policy!r}: must be one of {CONFLICT_POLICIES}")
+        unconverged = on_unconverged or self.config.on_unconverged
+        if unconverged not in UNCONVERGED_POLICIES:
+            raise ValueError(f"on_unconverged={unconverged!r}: must be one of {UNCONVERGED_POLICIES}")
         requests = [self.check_request(r) for r in requests]
         results = []
-        bar = tqdm(requests, desc="editing", unit="edit", disable=not progress)
-        for r in bar:
-            results.append(self.edit(r.prompt, r.target, r.subject, on_conflict, on_unconverged))
-            bar.set_postfix(loss=f"{results[-1].loss:.3f}", steps=results[-1].steps)
+        bar = tqdm(total=len(requests), desc="editing", unit="edit", disable=not progress)
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start: start + batch_size]
+            if batch_size == 1:
+                done = [self.edit(chunk[0].prompt, chunk[0].target, chunk[0].subject, policy, unconverged)]
+            else:
+                done = self._edit_batch(chunk, policy, unconverged)
+            results.extend(done)
+            bar.update(len(chunk))
+            bar.set_postfix(loss=f"{max(r.loss for r in done):.3f}", steps=max(r.steps for r in done))
+        bar.close()
         return results
+
+    @_writes
+    def _edit_batch(self, requests: list[EditRequest], policy: str, unconverged: str) -> list[EditResult]:
+        """Several edits trained together on the scratch memory (memory private), stored apart.
+
+        Each request is encoded, checked for conflicts (also with the requests before it in the
+        batch: one superseded there is never trained and comes back with ``kept`` False) and gets
+        its mask, before one joint optimisation; then every edit's block is stored and checked on
+        its own.  ``on_unconverged="rollback"`` drops an edit whose block does not produce its target
+        (the edits it superseded stay removed: ``replaced`` names them).  An exception or interrupt
+        leaves the editor as before the batch.
+        """
+        start = time.perf_counter()
+        with editing.EditTransaction(self) as txn:
+            members: list[tuple[EditRequest, editing.EditInputs, int]] = []
+            results: dict[int, EditResult] = {}
+            for request in requests:
+                inputs = editing.encode_edit(self, request)
+                replaced = tuple(conflicts.find_conflicts(self, request)) if policy == "supersede" else ()
+                for old in replaced:
+                    self._forget(old)
+                    if old in results:  # a request earlier in this batch: never trained
+                        members = [m for m in members if m[2] != old]
+                        results[old].kept = False
+                edit_id, _ = self._store_mask(inputs.packed, request)
+                for gone in [m[2] for m in members if m[2] not in self.layer.bank.edit_ids]:
+                    members = [m for m in members if m[2] != gone]  # the same mask again: this one owns it
+                    results[gone].kept = False
+                if self.layer.subject is not None:
+                    with self._nested.overriding(active=True):
+                        self.layer.subject.add(edit_id, self._subject_keys(request))
+                members.append((request, inputs, edit_id))
+                results[edit_id] = EditResult(edit_id, request.prompt, request.target, 0, float("nan"), 0.0,
+                                              replaced=replaced, converged=False, subject=request.subject)
+            if members:
+                joint = editing.joint_batch(self, [m[1] for m in members])
+                union = torch.stack([m[1].dense for m in members]).any(dim=0)
+                rows = [self.layer.bank.edit_ids.index(m[2]) for m in members]
+                with self.layer.training_scratch():
+                    steps = editing.optimise_many(self, joint, rows, union)
+                memory = self.layer.memory
+                with torch.no_grad():
+                    for _, inputs, edit_id in members:
+                        self.layer.private.add(edit_id, inputs.cols, memory[:, inputs.cols.to(memory.device)])
+                    memory.zero_()
+                losses, hits = editing.routed_losses(self, joint, rows)
+                for (_, _, edit_id), loss, hit in zip(members, losses, hits):
+                    r = results[edit_id]
+                    r.steps, r.loss, r.converged = steps, loss, hit
+                    if not hit and unconverged == "rollback":
+                        self._forget(edit_id, record=False)
+                        r.edit_id, r.kept = None, False
+                    else:
+                        self._records[edit_id] = r
+            self.calibrate_threshold()
+        seconds = (time.perf_counter() - start) / max(len(requests), 1)
+        for r in results.values():
+            r.seconds = seconds
+        return list(results.values())
 
     # ------------------------------------------------------------------ inference
     @_reads

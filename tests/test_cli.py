@@ -35,6 +35,22 @@ def test_edit_command_and_save(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "saved" / "memoir_config.json").exists()
 
 
+def test_edit_command_trains_batches_under_private_memory(tiny_dir, tmp_path, capsys):
+    req = tmp_path / "r.jsonl"
+    facts = [("the capital of japan is", "berlin"), ("i live in the city of", "rome"), ("the sky is", "green")]
+    req.write_text("".join(json.dumps({"prompt": p, "target": t}) + "\n" for p, t in facts))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("n_iter: 3\nnum_context_templates: 1\nmemory: private\n")
+    assert main(["edit", str(req), "--model", str(tiny_dir), "--config", str(cfg), "--quiet", "--batch-size", "2",
+                 "--save", str(tmp_path / "saved")]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["edit_id"] for x in lines] == [0, 1, 2] and lines[0]["steps"] == lines[1]["steps"]
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("n_iter: 3\nnum_context_templates: 1\n")
+    with pytest.raises(SystemExit, match="memory: private"):
+        main(["edit", str(req), "--model", str(tiny_dir), "--config", str(shared), "--quiet", "--batch-size", "2"])
+
+
 def test_missing_model_is_a_clear_error(capsys):
     assert main(["demo", "--model", "/nonexistent/model"]) == 2
     assert "not found" in capsys.readouterr().err

@@ -241,3 +241,23 @@ def test_cli_eval_counterfact_reports_paraphrase_and_neighbour_columns(tmp_path,
             assert 0.0 <= res[key] <= 1.0, (method, key)
         assert "nbr_ids" not in res["records"][0] and "nbr_spec" in res["records"][0]
         assert res["pre"]["nbr_fire"] == 0.0  # the unedited model routes nothing
+
+
+def test_cli_eval_trains_edits_in_batches_under_private_memory(tmp_path, eval_model_dir):
+    data = write_json(tmp_path, "zsre.json", CLI_DATA + [dict(ZSRE, src="Who is the fourth record?")])
+    cfg = tmp_path / "private.yaml"
+    cfg.write_text("n_iter: 5\nnum_context_templates: 1\nlayer: 2\nthreshold: 0.4\nmemory: private\n")
+    from memoir.eval.cli_eval import main
+
+    out = tmp_path / "batched.json"
+    assert main(["eval", "--model", str(eval_model_dir), "--data", str(data), "--n", "4", "--method", "memoir",
+                 "--config", str(cfg), "--edit-batch", "3", "--eval-every", "2", "--quiet",
+                 "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    # Batches of 3 then 1: the curve point for 2 edits falls at the end of the first batch.
+    assert [c["n_edits"] for c in res["curve"]] == [3, 4] and res["edit_batch"] == 3
+    assert [r["edit"]["edit_id"] for r in res["records"]] == [0, 1, 2, 3]
+    assert res["records"][0]["edit"]["steps"] == res["records"][2]["edit"]["steps"]  # one optimisation
+    with pytest.raises(SystemExit, match="edit-batch"):
+        main(["eval", "--model", str(eval_model_dir), "--data", str(data), "--n", "2", "--method", "ft",
+              "--config", str(cfg), "--edit-batch", "2", "--quiet", "--output", str(tmp_path / "ft.json")])

@@ -66,6 +66,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=None, metavar="K",
                    help="also evaluate the edits made so far every K edits (forgetting curve)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per evaluation forward")
+    p.add_argument("--edit-batch", type=int, default=1,
+                   help="MEMOIR with memory private: train this many edits together (edit_many batch_size)")
     p.add_argument("--no-em", action="store_true", help="skip the generation exact-match metrics")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
@@ -187,6 +189,8 @@ def _eval(args, torch) -> int:
         pre_cache = PrePassCache(args.pre_cache or prepass_dir())
         pre_key = pass_key(model_digest(model, tok), records, kind_of(fmt), args.batch_size)  # before editing
     method = build_method(args.method, model, tok, mcfg, ftcfg, gcfg)
+    if args.edit_batch < 1 or (args.edit_batch > 1 and not hasattr(method, "edit_batch")):
+        raise SystemExit(f"--edit-batch {args.edit_batch}: must be >= 1, and > 1 only for --method memoir")
     meta = {
         "model": args.model,
         "data": str(pathlib.Path(args.data)),
@@ -196,11 +200,12 @@ def _eval(args, torch) -> int:
         "seed": args.seed,
         "command": " ".join(sys.argv),
         "config_source": args.config or (f"preset:{args.preset}" if args.preset else "default"),
+        "edit_batch": args.edit_batch,
     }
     checkpoint = None
     if args.checkpoint_every or args.resume:
-        checkpoint = RunCheckpoint(ckpt_path, run_fingerprint(method, records, kind_of(fmt), args.eval_every,
-                                                              not args.no_em))
+        checkpoint = RunCheckpoint(ckpt_path, {**run_fingerprint(method, records, kind_of(fmt), args.eval_every,
+                                                                 not args.no_em), "edit_batch": args.edit_batch})
 
     def on_checkpoint(done, n, edit_seconds):
         eta = f", ETA {(n - done) * edit_seconds / done / 60:.0f} min of edits" if done else ""
@@ -211,7 +216,7 @@ def _eval(args, torch) -> int:
     try:
         result = run_sequential(
             method, records, kind_of(fmt), eval_every=args.eval_every, em=not args.no_em,
-            batch_size=args.batch_size, progress=not args.quiet, meta=meta,
+            batch_size=args.batch_size, progress=not args.quiet, meta=meta, edit_batch=args.edit_batch,
             checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, on_checkpoint=on_checkpoint,
             pre_cache=pre_cache, pre_key=pre_key,
         )

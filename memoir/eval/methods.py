@@ -57,8 +57,17 @@ class MemoirMethod(_Base):
     name = "memoir"
 
     def edit(self, prompt, target, position: int, subject: str | None = None) -> dict:
-        r = self.editor.edit(prompt, target, subject)
-        self.edit_index[r.edit_id] = position
+        return self._row(self.editor.edit(prompt, target, subject), position)
+
+    def edit_batch(self, records, positions) -> list[dict]:
+        """Several records trained together (``edit_many(batch_size=len(records))``)."""
+        results = self.editor.edit_many([(r.prompt, r.target, r.extra.get("subject")) for r in records],
+                                        progress=False, batch_size=len(records))
+        return [self._row(r, i) for r, i in zip(results, positions)]
+
+    def _row(self, r, position: int) -> dict:
+        if r.edit_id is not None:
+            self.edit_index[r.edit_id] = position
         out = {"steps": r.steps, "loss": r.loss, "seconds": r.seconds, "edit_id": r.edit_id, "converged": r.converged,
                "disturbed": list(r.disturbed)}
         if r.replaced:  # stream positions of the earlier edits this one superseded

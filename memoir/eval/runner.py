@@ -211,7 +211,7 @@ def summarise(rows: list[dict], edits: list[dict] | None = None) -> dict:
 def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: int | None = None,
                    em: bool = True, batch_size: int = metrics.DEFAULT_BATCH_SIZE, progress: bool = True,
                    meta: dict | None = None, checkpoint=None, checkpoint_every: int = 0,
-                   on_checkpoint=None, pre_cache=None, pre_key: str | None = None) -> dict:
+                   on_checkpoint=None, pre_cache=None, pre_key: str | None = None, edit_batch: int = 1) -> dict:
     """Run the whole protocol; returns the results dict (JSON-serialisable).
 
     ``checkpoint`` (a :class:`memoir.eval.checkpoint.RunCheckpoint`): when it exists the run resumes
@@ -219,6 +219,8 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
     last edit.  ``on_checkpoint(done, n, edit_seconds)`` is called after each write (progress lines).
     ``pre_cache`` (a :class:`memoir.eval.prepass.PrePassCache`) with ``pre_key``: the unedited model's
     pass is read from it when an earlier run stored it, and stored there otherwise.
+    ``edit_batch`` > 1 trains that many records together (``method.edit_batch``); curve points and
+    checkpoints then fall on the first batch end at or after each multiple.
     """
     from tqdm.auto import tqdm
 
@@ -264,18 +266,26 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
     if state is None:
         save()  # the pre-edit pass alone is ~15 CPU-minutes for the whole ZsRE file
     bar = tqdm(total=n, initial=len(edit_rows), desc=f"editing ({method.name})", unit="edit", disable=not progress)
-    for i in range(len(edit_rows), n):
-        rec = records[i]
-        info = method.edit(rec.prompt, rec.target, i, subject=rec.extra.get("subject"))
-        edit_rows.append(info)
-        bar.update(1)
-        bar.set_postfix(loss=f"{info['loss']:.3f}", steps=info["steps"])
-        if eval_every and (i + 1) % eval_every == 0 and (i + 1) < n:
+    while len(edit_rows) < n:
+        done = len(edit_rows)
+        if edit_batch > 1:
+            infos = method.edit_batch(records[done: done + edit_batch], range(done, min(done + edit_batch, n)))
+        else:
+            rec = records[done]
+            infos = [method.edit(rec.prompt, rec.target, done, subject=rec.extra.get("subject"))]
+        edit_rows.extend(infos)
+        bar.update(len(infos))
+        bar.set_postfix(loss=f"{infos[-1]['loss']:.3f}", steps=infos[-1]["steps"])
+        now = len(edit_rows)
+
+        def crossed(every):  # a multiple of `every` lies in (done, now]
+            return bool(every) and now // every > done // every
+        if crossed(eval_every) and now < n:
             tc = time.perf_counter()
-            sub = evaluate(method, records[: i + 1], kind, pre_loc, em=False, batch_size=batch_size, pre_nbr=pre_nbr)
-            curve.append({"n_edits": i + 1, **summarise(sub, edit_rows)})
+            sub = evaluate(method, records[:now], kind, pre_loc, em=False, batch_size=batch_size, pre_nbr=pre_nbr)
+            curve.append({"n_edits": now, **summarise(sub, edit_rows)})
             curve_seconds += time.perf_counter() - tc
-        if checkpoint_every and ((i + 1) % checkpoint_every == 0 or i + 1 == n):
+        if checkpoint_every and (crossed(checkpoint_every) or now == n):
             save()
     bar.close()
     edit_seconds = sum(r["seconds"] for r in edit_rows)
