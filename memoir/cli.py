@@ -219,6 +219,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from memoir import bench
+
+    try:
+        summary = bench.run(args.output, quick=args.quick, select=args.select)
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"memoir bench: {e}", file=sys.stderr)
+        return 1
+    for group, rows in summary["groups"].items():
+        for r in rows:
+            for base, ratio in r.get("speedup_vs", {}).items():
+                print(f"{group:40s} {r['name'][:60]:60s} {ratio:7.2f}x vs {base}")
+    print(f"wrote {args.output}/bench.json, summary.json, summary.png")
+    return 0
+
+
 def cmd_config(args) -> int:
     from memoir.config import MemoirConfig, markdown_table, rewrite_table
 
@@ -255,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1, help="train this many edits together (memory private)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_edit)
+
+    b = sub.add_parser("bench", help="the throughput suite (benchmarks/): JSON, ratios to baselines, a plot")
+    b.add_argument("--quick", action="store_true", help="small sizes: a few minutes on a 2-core CPU")
+    b.add_argument("--output", default="benchmarks/results/bench", help="folder for bench.json, summary.json/.png")
+    b.add_argument("-k", dest="select", help="only the benchmarks matching this pytest -k expression")
+    b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("config", help="every MemoirConfig field (default, allowed values, meaning) or a preset")
     c.add_argument("--preset", help="print this shipped preset's fields as YAML")
