@@ -363,57 +363,89 @@ def per_edit_losses(logits: torch.Tensor, joint: JointBatch, n_edits: int) -> tu
     return losses, hit[joint.first]
 
 
-def optimise_many(editor, joint: JointBatch, bank_rows: list[int], dense_union: torch.Tensor) -> int:
+def _take_rows(output, idx: torch.Tensor, n_rows: int):
+    """The rows ``idx`` of a captured layer output (a tensor, or a tuple holding batch tensors)."""
+    if isinstance(output, torch.Tensor):
+        return output[idx] if output.dim() > 0 and output.shape[0] == n_rows else output
+    if isinstance(output, (tuple, list)):
+        return type(output)(_take_rows(x, idx, n_rows) for x in output)
+    return output
+
+
+def _rows_of(joint: JointBatch, edits: list[int]) -> JointBatch:
+    """The part of ``joint`` that belongs to ``edits`` (renumbered 0..len(edits)-1, in that order)."""
+    idx = torch.cat([(joint.owner == e).nonzero().squeeze(1) for e in edits])
+    owner = torch.cat([torch.full(((joint.owner == e).sum(),), j, device=joint.owner.device)
+                       for j, e in enumerate(edits)])
+    b = joint.batch
+    batch = Batch(b.input_ids[idx], b.attention_mask[idx], b.prompt_mask[idx], b.target_mask[idx])
+    first = torch.tensor([int((owner == j).nonzero()[0]) for j in range(len(edits))], device=owner.device)
+    return JointBatch(batch, owner, _take_rows(joint.replay_output, idx, len(joint.owner)), joint.n_target, first)
+
+
+def optimise_many(editor, joint: JointBatch, bank_rows: list[int], cols: list[torch.Tensor],
+                  dense: list[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
     """SGD on the scratch memory for several edits at once, each row under its own edit's mask.
 
     The loss is the sum of the edits' mean losses, so each edit's columns get the gradient they
-    would get alone; the norm clip grows with sqrt(E) for the same reason (masks mostly do not
-    overlap).  Stops when every edit's loss meets the early-stop rule or after ``n_iter`` steps;
-    returns the number of steps.  Non-finite values raise :class:`EditDiverged`.
+    would get alone; the norm clip grows with sqrt(edits) for the same reason (masks mostly do not
+    overlap).  An edit leaves the batch as soon as it meets the early-stop rule (or after
+    ``n_iter`` steps): its block ``memory[:, cols]`` is taken then, and its rows stop costing
+    compute.  Returns ``(steps per edit, block per edit)``; non-finite values raise
+    :class:`EditDiverged`.
     """
     cfg, model, memory = editor.config, editor.model, editor.layer.memory
-    batch, n_edits = joint.batch, len(bank_rows)
-    decay = cfg.weight_decay if cfg.decay_scope == "all" else 0.0
-    opt = torch.optim.SGD([memory], lr=cfg.lr, weight_decay=decay)
+    opt = torch.optim.SGD([memory], lr=cfg.lr, weight_decay=cfg.weight_decay if cfg.decay_scope == "all" else 0.0)
     keep = {} if editor.full_forward else keep_logits(model, joint.n_target + 1)
-    rows = torch.tensor(bank_rows, dtype=torch.int64, device=memory.device)[joint.owner.to(memory.device)]
-    route = Route(rows, torch.ones(len(rows), device=memory.device))
-    active = dense_union.to(memory.device, memory.dtype)
-    clip = cfg.grad_clip * math.sqrt(n_edits)
-    steps, prev = 0, None
+    n_edits = len(bank_rows)
+    steps_of, blocks = [0] * n_edits, [None] * n_edits
+    active, prev, step = list(range(n_edits)), {}, 0
     memory.requires_grad_(True)
     flushing = memory.device.type == "cpu" and torch.set_flush_denormal(True)  # as in optimise
     try:
-        with replaying_below(editor.target, joint.replay_output), contiguous_head(model), torch.enable_grad(), \
-                editor.layer.using_route(route):
-            while True:
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                               **keep).logits[:, -(joint.n_target + 1): -1]
-                losses, _ = per_edit_losses(logits, joint, n_edits)
-                values = losses.detach()
-                if not bool(torch.isfinite(values).all()):
-                    raise EditDiverged(f"a batched edit diverged after {steps} steps (lr={cfg.lr}); nothing was kept")
-                if steps == cfg.n_iter or (cfg.early_stop and prev is not None
-                                           and bool(((values - prev).abs() <= cfg.early_stop_delta).all())
-                                           and bool((values <= cfg.early_stop_loss).all())):
-                    break
-                prev = values
-                opt.zero_grad(set_to_none=True)
-                losses.sum().backward()
-                if cfg.decay_scope == "active" and cfg.weight_decay > 0:
-                    memory.grad.add_(memory.detach() * active, alpha=cfg.weight_decay)
-                torch.nn.utils.clip_grad_norm_([memory], clip)
-                opt.step()
-                steps += 1
-                if not bool(torch.isfinite(memory).all()):
-                    raise EditDiverged(f"a batched edit diverged: non-finite memory after step {steps}; "
-                                       "nothing was kept")
+        while active:
+            part = _rows_of(joint, active)
+            rows = torch.tensor([bank_rows[e] for e in active], dtype=torch.int64, device=memory.device)
+            route = Route(rows[part.owner.to(memory.device)], torch.ones(len(part.owner), device=memory.device))
+            decay = torch.stack([dense[e] for e in active]).any(dim=0).to(memory.device, memory.dtype)
+            clip = cfg.grad_clip * math.sqrt(len(active))
+            batch = part.batch
+            with replaying_below(editor.target, part.replay_output), contiguous_head(model), torch.enable_grad(), \
+                    editor.layer.using_route(route):
+                while True:
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                                   **keep).logits[:, -(joint.n_target + 1): -1]
+                    losses, _ = per_edit_losses(logits, part, len(active))
+                    values = losses.detach().tolist()
+                    if not all(math.isfinite(v) for v in values):
+                        raise EditDiverged(f"a batched edit diverged after {step} steps (lr={cfg.lr}); "
+                                           "nothing was kept")
+                    done = [e for e, v in zip(active, values)
+                            if step == cfg.n_iter or (cfg.early_stop and e in prev and v <= cfg.early_stop_loss
+                                                      and abs(v - prev[e]) <= cfg.early_stop_delta)]
+                    if done:
+                        with torch.no_grad():
+                            for e in done:
+                                steps_of[e], blocks[e] = step, memory[:, cols[e].to(memory.device)].clone()
+                        active = [e for e in active if e not in done]
+                        break  # the rest go on without these rows
+                    prev.update(zip(active, values))
+                    opt.zero_grad(set_to_none=True)
+                    losses.sum().backward()
+                    if cfg.decay_scope == "active" and cfg.weight_decay > 0:
+                        memory.grad.add_(memory.detach() * decay, alpha=cfg.weight_decay)
+                    torch.nn.utils.clip_grad_norm_([memory], clip)
+                    opt.step()
+                    step += 1
+                    if not bool(torch.isfinite(memory).all()):
+                        raise EditDiverged(f"a batched edit diverged: non-finite memory after step {step}; "
+                                           "nothing was kept")
     finally:
         if flushing:
             torch.set_flush_denormal(False)
         memory.requires_grad_(False)
         memory.grad = None
-    return steps
+    return steps_of, blocks
 
 
 @torch.no_grad()

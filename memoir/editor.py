@@ -500,19 +500,18 @@ class MemoirEditor(PromptRouting):
                                               replaced=replaced, converged=False, subject=request.subject)
             if members:
                 joint = editing.joint_batch(self, [m[1] for m in members])
-                union = torch.stack([m[1].dense for m in members]).any(dim=0)
                 rows = [self.layer.bank.edit_ids.index(m[2]) for m in members]
                 with self.layer.training_scratch():
-                    steps = editing.optimise_many(self, joint, rows, union)
-                memory = self.layer.memory
+                    steps, blocks = editing.optimise_many(self, joint, rows, [m[1].cols for m in members],
+                                                          [m[1].dense for m in members])
                 with torch.no_grad():
-                    for _, inputs, edit_id in members:
-                        self.layer.private.add(edit_id, inputs.cols, memory[:, inputs.cols.to(memory.device)])
-                    memory.zero_()
+                    for (_, inputs, edit_id), block in zip(members, blocks):
+                        self.layer.private.add(edit_id, inputs.cols, block)
+                    self.layer.memory.zero_()
                 losses, hits = editing.routed_losses(self, joint, rows)
-                for (_, _, edit_id), loss, hit in zip(members, losses, hits):
+                for (_, _, edit_id), n_steps, loss, hit in zip(members, steps, losses, hits):
                     r = results[edit_id]
-                    r.steps, r.loss, r.converged = steps, loss, hit
+                    r.steps, r.loss, r.converged = n_steps, loss, hit
                     if not hit and unconverged == "rollback":
                         self._forget(edit_id, record=False)
                         r.edit_id, r.kept = None, False

@@ -44,7 +44,7 @@ def test_edit_command_trains_batches_under_private_memory(tiny_dir, tmp_path, ca
     assert main(["edit", str(req), "--model", str(tiny_dir), "--config", str(cfg), "--quiet", "--batch-size", "2",
                  "--save", str(tmp_path / "saved")]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-    assert [x["edit_id"] for x in lines] == [0, 1, 2] and lines[0]["steps"] == lines[1]["steps"]
+    assert [x["edit_id"] for x in lines] == [0, 1, 2] and all(x["steps"] <= 3 for x in lines)
     shared = tmp_path / "shared.yaml"
     shared.write_text("n_iter: 3\nnum_context_templates: 1\n")
     with pytest.raises(SystemExit, match="memory: private"):
