@@ -59,6 +59,11 @@ def build_batch(tokenizer, prompts, targets=None, device=None) -> Batch:
         pi = prompt_ids(tokenizer, p)
         ti = target_ids(tokenizer, targets[i]) if targets is not None else []
         rows.append((pi, ti))
+    return pad_rows(rows, tokenizer, device)
+
+
+def pad_rows(rows, tokenizer, device=None) -> Batch:
+    """A :class:`Batch` of ``(prompt ids, target ids)`` rows, left padded with the pad token."""
     length = max(len(pi) + len(ti) for pi, ti in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     b = len(rows)

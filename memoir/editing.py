@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -23,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from memoir.batching import Batch, build_batch
+from memoir.batching import Batch, build_batch, pad_rows
 from memoir.ops import overlap_counts
 from memoir.preserve import project_out
 from memoir.replay import capture_below, contiguous_head, keep_logits, replaying_below
@@ -245,6 +246,25 @@ class Training:
     converged: bool  # row 0 (the bare prompt) predicts every target token, teacher-forced
 
 
+@contextlib.contextmanager
+def trainable(memory: torch.nn.Parameter):
+    """The memory takes gradients inside the block, and never afterwards.
+
+    Tiny gradients into a zero-initialised memory are denormal floats, which run many times
+    slower on x86 CPUs; they are flushed to zero meanwhile (torch has no getter, so the setting
+    is switched back off afterwards).
+    """
+    memory.requires_grad_(True)
+    flushing = memory.device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
+        memory.requires_grad_(False)
+        memory.grad = None
+
+
 def optimise(editor, inputs: EditInputs, row: int, transforms: list[GradTransform]) -> Training:
     """SGD on the memory with every row routed to bank row ``row``.
 
@@ -262,12 +282,7 @@ def optimise(editor, inputs: EditInputs, row: int, transforms: list[GradTransfor
     keep = {} if editor.full_forward else keep_logits(model, n_target + 1)
     route = Route.to_row(row, batch.input_ids.shape[0], memory.device)
     steps, prev = 0, None
-    memory.requires_grad_(True)
-    # Tiny gradients into a zero-initialised memory are denormal floats, which run many times
-    # slower on x86 CPUs; flush them to zero while editing (torch has no getter, so the setting
-    # is switched back off afterwards).
-    flushing = memory.device.type == "cpu" and torch.set_flush_denormal(True)
-    try:
+    with trainable(memory):
         with replaying_below(editor.target, inputs.replay_output), contiguous_head(model), torch.enable_grad(), \
                 editor.layer.using_route(route):
             # n_iter steps, then one more forward: the loss reported is that of the memory kept.
@@ -295,11 +310,6 @@ def optimise(editor, inputs: EditInputs, row: int, transforms: list[GradTransfor
                     raise EditDiverged(f"the edit diverged: non-finite memory after step {steps} "
                                        f"(lr={cfg.lr}, grad_clip={cfg.grad_clip}); nothing was kept")
             converged = bool((logits[0].argmax(-1) == labels[0]).all())
-    finally:
-        if flushing:
-            torch.set_flush_denormal(False)
-        memory.requires_grad_(False)
-        memory.grad = None
     return Training(steps, loss_value, converged)
 
 
@@ -318,35 +328,20 @@ class JointBatch:
 @torch.no_grad()
 def joint_batch(editor, inputs: list[EditInputs]) -> JointBatch:
     """Every row of every edit, left padded to one length, and one frozen pass for the replay."""
-    tok, device = editor.tokenizer, editor.device
-    prompts, targets, owner = [], [], []
+    rows, owner = [], []
     for e, one in enumerate(inputs):
         b = one.batch
         for r in range(b.input_ids.shape[0]):
-            ids = b.input_ids[r][b.prompt_mask[r]].tolist()
-            prompts.append(ids)
-            targets.append(b.input_ids[r][b.target_mask[r]].tolist())
+            rows.append((b.input_ids[r][b.prompt_mask[r]].tolist(), b.input_ids[r][b.target_mask[r]].tolist()))
             owner.append(e)
-    length = max(len(p) + len(t) for p, t in zip(prompts, targets))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    n = len(prompts)
-    ids = torch.full((n, length), pad, dtype=torch.long)
-    attn = torch.zeros((n, length), dtype=torch.long)
-    pmask = torch.zeros((n, length), dtype=torch.bool)
-    tmask = torch.zeros((n, length), dtype=torch.bool)
-    for r, (p, t) in enumerate(zip(prompts, targets)):
-        start = length - len(p) - len(t)
-        ids[r, start:] = torch.tensor(p + t, dtype=torch.long)
-        attn[r, start:] = 1
-        pmask[r, start: start + len(p)] = True
-        tmask[r, start + len(p):] = True
-    batch = Batch(ids, attn, pmask, tmask).to(device)
+    device = editor.device
+    batch = pad_rows(rows, editor.tokenizer, device)
     with editor.disabled(), capture_below(editor.target, enabled=not editor.full_forward) as replay_output:
         editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                      **keep_logits(editor.model, 1))
     first = [owner.index(e) for e in range(len(inputs))]
     return JointBatch(batch, torch.tensor(owner, device=device), replay_output[0] if replay_output else None,
-                      int(tmask.sum(dim=1).max()), torch.tensor(first, device=device))
+                      int(batch.target_mask.sum(dim=1).max()), torch.tensor(first, device=device))
 
 
 def per_edit_losses(logits: torch.Tensor, joint: JointBatch, n_edits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,9 +395,7 @@ def optimise_many(editor, joint: JointBatch, bank_rows: list[int], cols: list[to
     n_edits = len(bank_rows)
     steps_of, blocks = [0] * n_edits, [None] * n_edits
     active, prev, step = list(range(n_edits)), {}, 0
-    memory.requires_grad_(True)
-    flushing = memory.device.type == "cpu" and torch.set_flush_denormal(True)  # as in optimise
-    try:
+    with trainable(memory):
         while active:
             part = _rows_of(joint, active)
             rows = torch.tensor([bank_rows[e] for e in active], dtype=torch.int64, device=memory.device)
@@ -440,11 +433,6 @@ def optimise_many(editor, joint: JointBatch, bank_rows: list[int], cols: list[to
                     if not bool(torch.isfinite(memory).all()):
                         raise EditDiverged(f"a batched edit diverged: non-finite memory after step {step}; "
                                            "nothing was kept")
-    finally:
-        if flushing:
-            torch.set_flush_denormal(False)
-        memory.requires_grad_(False)
-        memory.grad = None
     return steps_of, blocks
 
 

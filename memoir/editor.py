@@ -306,12 +306,7 @@ class MemoirEditor(PromptRouting):
         interrupted, memory, bank, keys and records are exactly as before
         (:class:`memoir.editing.EditTransaction`).
         """
-        policy = on_conflict or self.config.on_conflict
-        if policy not in CONFLICT_POLICIES:
-            raise ValueError(f"on_conflict={policy!r}: must be one of {CONFLICT_POLICIES}")
-        unconverged = on_unconverged or self.config.on_unconverged
-        if unconverged not in UNCONVERGED_POLICIES:
-            raise ValueError(f"on_unconverged={unconverged!r}: must be one of {UNCONVERGED_POLICIES}")
+        policy, unconverged = self._policies(on_conflict, on_unconverged)
         request = self.check_request(EditRequest(prompt, target, subject))
         start = time.perf_counter()
         inputs = editing.encode_edit(self, request)
@@ -352,6 +347,16 @@ class MemoirEditor(PromptRouting):
                 self._records[edit_id] = result
         result.seconds = time.perf_counter() - start
         return result
+
+    def _policies(self, on_conflict: str | None, on_unconverged: str | None) -> tuple[str, str]:
+        """The conflict and unconverged policies in force (the config's where not given), checked."""
+        policy = on_conflict or self.config.on_conflict
+        if policy not in CONFLICT_POLICIES:
+            raise ValueError(f"on_conflict={policy!r}: must be one of {CONFLICT_POLICIES}")
+        unconverged = on_unconverged or self.config.on_unconverged
+        if unconverged not in UNCONVERGED_POLICIES:
+            raise ValueError(f"on_unconverged={unconverged!r}: must be one of {UNCONVERGED_POLICIES}")
+        return policy, unconverged
 
     def check_request(self, item) -> EditRequest:
         """``item`` as an :class:`EditRequest`, or a ``ValueError`` naming what is wrong with it: a
@@ -444,12 +449,7 @@ class MemoirEditor(PromptRouting):
         if batch_size > 1 and self.layer.private is None:
             raise ValueError("batch_size > 1 needs memory: private (in a shared memory an edit is trained "
                              "against the edits before it, one at a time)")
-        policy = on_conflict or self.config.on_conflict
-        if policy not in CONFLICT_POLICIES:
-            raise ValueError(f"on_conflict={policy!r}: must be one of {CONFLICT_POLICIES}")
-        unconverged = on_unconverged or self.config.on_unconverged
-        if unconverged not in UNCONVERGED_POLICIES:
-            raise ValueError(f"on_unconverged={unconverged!r}: must be one of {UNCONVERGED_POLICIES}")
+        policy, unconverged = self._policies(on_conflict, on_unconverged)
         requests = [self.check_request(r) for r in requests]
         results = []
         bar = tqdm(total=len(requests), desc="editing", unit="edit", disable=not progress)

@@ -124,10 +124,10 @@ def test_peft_style_verbs(tmp_path):
 
 
 def test_a_config_file_may_start_from_another_file(tmp_path):
-    (tmp_path / "shared.yaml").write_text("base: smollm2\nmemory: shared\ncolumn_protection: 1.0\n")
+    (tmp_path / "common.yaml").write_text("base: smollm2\nmemory: shared\ncolumn_protection: 1.0\n")
     sub = tmp_path / "sub"
     sub.mkdir()
-    (sub / "k96.yaml").write_text("base: ../shared.yaml\ntop_k: 96\n")
+    (sub / "k96.yaml").write_text("base: ../common.yaml\ntop_k: 96\n")
     cfg = MemoirConfig.load(sub / "k96.yaml")
     preset = MemoirConfig.preset("smollm2")
     assert (cfg.memory, cfg.column_protection, cfg.top_k) == ("shared", 1.0, 96)
