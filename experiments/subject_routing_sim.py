@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from memoir import MemoirConfig, MemoirEditor, load_model
 from memoir import editing, ops
 from memoir.batching import build_batch
+from memoir.subject_router import row_texts
 from memoir.eval.datasets import load_records
 from memoir.replay import keep_logits
 from memoir import EditRequest
@@ -43,13 +44,13 @@ DATA = {
 @torch.no_grad()
 def score_matrices(editor: MemoirEditor, prompts: list[str], batch_size: int = 16):
     """``(S, O)``: ``[P, N]`` subject scores and mask-overlap ratios of each prompt against the bank."""
-    layer, subject = editor.layer, editor.layer.subject
+    layer = editor.layer
     s_rows, o_rows = [], []
     for i in tqdm(range(0, len(prompts), batch_size), desc="probes", unit="batch"):
         batch = build_batch(editor.tokenizer, prompts[i:i + batch_size], device=editor.device)
+        texts = row_texts(editor.tokenizer, batch.input_ids, batch.attention_mask)
         with editor._nested.overriding(active=True):
-            states, own = editor._subject_states(batch.input_ids, batch.attention_mask)
-        s_rows.append(subject.scores(states, own, layer.bank.ids).cpu())
+            s_rows.append(editor._subject_scores(texts).cpu())  # as the router scores them (casefold too)
         with layer.calls.overriding(eligible=None, pinned=None), editor.disabled(), layer.capturing() as seen:
             editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                          **keep_logits(editor.model, 1))

@@ -15,10 +15,28 @@ Importing this package never needs Triton; the kernels are compiled lazily on fi
 from __future__ import annotations
 
 if __name__ != "memoir.kernels":
-    # Imported as a top-level ``kernels`` because a source checkout's root is on sys.path
-    # (transformers probes that name for the Hugging Face ``kernels`` package on every
-    # import). Expose nothing and import nothing, so the probe neither fails nor mistakes
-    # this folder for that package; the kernels live at ``memoir.kernels``.
+    # Imported as a top-level ``kernels`` because a source checkout's root is on sys.path. That
+    # name belongs to the Hugging Face ``kernels`` package, which transformers imports on every
+    # import when it is installed: hand the import over to it, so this folder never stands in for
+    # it. Without it, expose and import nothing (transformers' probe then finds no package). The
+    # Triton kernels live at ``memoir.kernels``.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _elsewhere = [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root]
+    _spec = _machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is not None and _spec.origin and _os.path.abspath(_spec.origin) != _os.path.abspath(__file__):
+        _real = _util.module_from_spec(_spec)
+        _this = _sys.modules.get(__name__)
+        _sys.modules[__name__] = _real  # the import statement returns what sys.modules holds
+        try:
+            _spec.loader.exec_module(_real)
+        except BaseException:
+            _sys.modules[__name__] = _this
+            raise
     __all__: list[str] = []
 else:
     from memoir.kernels._common import available, interpreting

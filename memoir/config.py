@@ -211,6 +211,9 @@ class MemoirConfig(DictFields):
     subject_threshold: float = option(0.95, kind=float, low=-1.0, high=1.0,
                                       help="router subject: the mean over an edit's subject tokens of their best cosine "
                                            "with a query token must reach this")
+    subject_casefold: bool = option(True, kind=bool,
+                                    help="router subject: a query is also read lower-cased and scores its better "
+                                         "reading (subjects in capitals reach their edit)")
     on_conflict: str = option("supersede", kind=str, choices=CONFLICT_POLICIES,
                               help="a new edit asking a stored edit's question (same subject and relation): "
                                    "`supersede` removes the stored one, `keep` keeps both (memoir.conflicts)")
@@ -228,6 +231,13 @@ class MemoirConfig(DictFields):
                               "preservation and check_neighbours then have nothing to protect and are not used")
     private_rank: int = option(16, kind=int, low=1,
                                help="memory private: rank of each edit's stored block (truncated SVD)")
+    train_dropout: float = option(0.0, kind=float, low=0.0, high=1.0, high_open=True,
+                                  help="while an edit trains, each input the memory reads is dropped "
+                                       "with this probability (the rest scaled by 1 / (1 - p)), so the block answers "
+                                       "inputs that match the prompt's only in part (a rephrasing)")
+    train_input_scale: float = option(1.0, kind=float, low=0.0, high=1.0, low_open=True,
+                                      help="while an edit trains, the memory reads its inputs scaled "
+                                           "by this factor, so the block reaches the target from weaker inputs")
     on_unconverged: str = option("keep", kind=str, choices=UNCONVERGED_POLICIES,
                                  help="an edit whose prompt does not yet produce its target after training "
                                       "(teacher-forced argmax): `keep` stores it anyway (the reference), "

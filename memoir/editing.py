@@ -52,7 +52,9 @@ def encode_edit(editor, request: EditRequest) -> EditInputs:
     cfg = editor.config
     rows = [tpl.format(request.prompt) for tpl in editor.context_templates()]
     batch = build_batch(editor.tokenizer, rows, request.target, device=editor.device)
-    with editor.disabled(), editor.layer.capturing() as seen, \
+    # The unedited model, with a fixed (empty) route so that no routing runs for this pass.
+    with editor.disabled(), editor.layer.using_route(Route.unrouted(len(rows), editor.device)), \
+            editor.layer.capturing() as seen, \
             capture_below(editor.target, enabled=not editor.full_forward) as replay_output:
         editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                      **keep_logits(editor.model, 1))
@@ -215,11 +217,33 @@ def teacher_forced(editor, inputs: EditInputs, row: int) -> tuple[float, bool]:
     n_target = int(batch.target_mask[0].sum())
     labels = batch.input_ids[:, -n_target:]
     route = Route.to_row(row, batch.input_ids.shape[0], editor.device)
-    with editor.layer.using_route(route):
+    # The layers below the edit are frozen: their output from the edit's own frozen pass is replayed.
+    with editor.layer.using_route(route), replaying_below(editor.target, inputs.replay_output), contiguous_head(model):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                        **keep_logits(model, n_target + 1)).logits[:, -(n_target + 1): -1]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
     return float(loss), bool((logits[0].argmax(-1) == labels[0]).all())
+
+
+def input_augmentation(cfg, seed: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the memory reads while an edit trains (``train_dropout``, ``train_input_scale``),
+    or None for the layer input as it is.  Dropout draws from a generator seeded per edit, so an
+    edit trains the same way every time it is made."""
+    p, scale = cfg.train_dropout, cfg.train_input_scale
+    if p == 0.0 and scale == 1.0:
+        return None
+    generators: dict = {}
+
+    def augment(a: torch.Tensor) -> torch.Tensor:
+        if p > 0.0:
+            gen = generators.get(a.device)
+            if gen is None:
+                gen = generators[a.device] = torch.Generator(device=a.device).manual_seed(seed)
+            keep = torch.rand(a.shape, generator=gen, device=a.device) >= p
+            a = a * keep.to(a.dtype) / (1.0 - p)
+        return a * scale if scale != 1.0 else a
+
+    return augment
 
 
 def store_private(editor, inputs: EditInputs, edit_id: int, row: int, training: Training) -> Training:

@@ -229,9 +229,23 @@ class MemoirEditor(PromptRouting):
         if span is not None and span.shape == input_ids.shape:
             # A teacher-forced prompt + target pass: only the prompt may name the subject.
             attention_mask = attention_mask.bool() & span.to(attention_mask.device)
-        states, own = self._subject_states(input_ids, attention_mask)
-        scores = subject.scores(states, own, self.layer.bank.ids)
-        self.layer.calls.set(eligible=scores >= self.config.subject_threshold)
+        texts = subject_router.row_texts(self.tokenizer, input_ids, attention_mask)
+        self.layer.calls.set(eligible=self._subject_scores(texts) >= self.config.subject_threshold)
+
+    def _subject_scores(self, texts: list[str]) -> torch.Tensor:
+        """``[B, N]``: how well each text names each bank row's subject.  Under ``subject_casefold`` a
+        text is also read lower-cased (in the same partial pass) and scores its better reading, so a
+        subject written in capitals reaches the lower-cased keys every edit keeps."""
+        subject, ids = self.layer.subject, self.layer.bank.ids
+        folded = [i for i, t in enumerate(texts) if self.config.subject_casefold and t.lower() != t]
+        states, own = self._subject_states(texts=texts + [texts[i].lower() for i in folded])
+        scores = subject.scores(states, own, ids)
+        if folded:
+            mine = torch.tensor(folded, device=scores.device)
+            own = scores[: len(texts)].clone()
+            own[mine] = torch.maximum(own[mine], scores[len(texts):])
+            return own
+        return scores
 
     @torch.no_grad()
     def _subject_keys(self, request: EditRequest) -> list[torch.Tensor]:
@@ -319,12 +333,10 @@ class MemoirEditor(PromptRouting):
             edit_id, row = self._store_mask(inputs.packed, request)  # drops the keys of an edit it replaces
             preserved, basis = editing.preservation_basis(self, inputs, txn) if not private else ([], None)
             transforms = editing.gradient_transforms(self.config, self.layer.memory, inputs, owners_before, basis)
-            if private:
-                with self.layer.training_scratch():
-                    training = editing.optimise(self, inputs, row, transforms)
-                training = editing.store_private(self, inputs, edit_id, row, training)
-            else:
+            with self.layer.training_passes(editing.input_augmentation(self.config, self.config.seed + edit_id)):
                 training = editing.optimise(self, inputs, row, transforms)
+            if private:
+                training = editing.store_private(self, inputs, edit_id, row, training)
             result = EditResult(edit_id, request.prompt, request.target, training.steps, training.loss, 0.0,
                                 preserved=tuple(preserved), replaced=replaced, converged=training.converged,
                                 subject=request.subject)
@@ -501,7 +513,8 @@ class MemoirEditor(PromptRouting):
             if members:
                 joint = editing.joint_batch(self, [m[1] for m in members])
                 rows = [self.layer.bank.edit_ids.index(m[2]) for m in members]
-                with self.layer.training_scratch():
+                augment = editing.input_augmentation(self.config, self.config.seed + members[0][2])
+                with self.layer.training_passes(augment):
                     steps, blocks = editing.optimise_many(self, joint, rows, [m[1].cols for m in members],
                                                           [m[1].dense for m in members])
                 with torch.no_grad():

@@ -57,7 +57,7 @@ class MemoirLayer(Float32Buffers):
         # pass of a call (an edit's own mask, or one an inference stack passes), a callable that
         # reads the layer input, and a per-call off switch.
         self.calls = CallLocal(prefill=False, span=None, route=None, pinned=None, capture=None, disabled=False,
-                               eligible=None, scratch=False)
+                               eligible=None, scratch=False, augment=None)
         self.private = None  # PrivateBlocks under memory "private" (set by the editor)
         self.subject = None  # SubjectKeys under router "subject" (set by the editor)
         self.transposed = type(base).__name__ == "Conv1D"  # GPT-2 stores the weight as [in, out]
@@ -165,16 +165,17 @@ class MemoirLayer(Float32Buffers):
                 route = call.get("route")
         if route is None:
             return self.base(a)
-        return self.routed(a, route, scratch=call.get("scratch"))
+        return self.routed(a, route, scratch=call.get("scratch"), augment=call.get("augment"))
 
     @contextlib.contextmanager
-    def training_scratch(self):
-        """Under memory "private": passes inside the block read the shared memory (the scratch an edit
-        trains on) instead of the stored private blocks."""
-        with self.calls.overriding(scratch=True):
+    def training_passes(self, augment=None):
+        """Passes inside the block are an edit's training passes: they read the memory being trained
+        (under memory "private" the scratch, not the stored blocks), and ``augment`` (a function of the
+        layer input, or None) changes what the memory reads, never what the frozen projection reads."""
+        with self.calls.overriding(scratch=True, augment=augment):
             yield
 
-    def routed(self, a: torch.Tensor, route: Route, scratch: bool = False) -> torch.Tensor:
+    def routed(self, a: torch.Tensor, route: Route, scratch: bool = False, augment=None) -> torch.Tensor:
         """``base(a) + Wm (M ⊙ a)`` with each sequence's mask from ``route`` (one opaque op, so
         nothing here branches on the route's values: safe to compile).  Under memory "private" a
         sequence reads its edit's own block instead (``memoir.private``), except while an edit trains."""
@@ -184,7 +185,8 @@ class MemoirLayer(Float32Buffers):
             p = self.private
             return torch.ops.memoir.private_residual(self.base(a), a, p.u, p.v, p.cols,
                                                      p.index_for(self.bank.ids, route.rows))
-        return torch.ops.memoir.routed_residual(self.base(a), a, self.memory, self.bank.words, route.rows,
+        read = augment(a) if scratch and augment is not None else a
+        return torch.ops.memoir.routed_residual(self.base(a), read, self.memory, self.bank.words, route.rows,
                                                 self.top_k)
 
     # ------------------------------------------------------------------ inspection

@@ -135,10 +135,14 @@ class SubjectKeys(GrowingBuffers):
         per_group = torch.zeros((b, uniq.shape[0]), device=dev).index_add_(1, inv, sim)
         per_group = per_group / torch.bincount(inv, minlength=uniq.shape[0]).to(per_group)
         group_edit = torch.zeros(uniq.shape[0], dtype=torch.int64, device=dev).scatter_(0, inv, self.edit_ids.to(dev))
-        # Group -> bank row (edit ids are unique in the bank); groups of edits no longer stored drop out.
-        match = group_edit[:, None] == bank_ids.to(dev)[None, :]  # [G, N]
-        per_row = torch.where(match[None], per_group[:, :, None], torch.full_like(per_group[:, :, None], -1.0))
-        return per_row.amax(dim=1)
+        # Group -> bank row by a sorted lookup (edit ids are unique in the bank; O(G log N), no [G, N]
+        # table); groups of edits no longer stored drop out.
+        ids = bank_ids.to(dev)
+        order = ids.argsort()
+        pos = torch.searchsorted(ids[order], group_edit).clamp_max(n - 1)
+        found = ids[order][pos] == group_edit
+        rows = order[pos][found]
+        return out.scatter_reduce(1, rows[None].expand(b, -1), per_group[:, found], "amax")
 
 
 def subject_positions(tokenizer, prompt: str, subject: str | None) -> tuple[list[int], list[int]]:

@@ -50,15 +50,30 @@ def test_wheel_ships_kernels_as_memoir_kernels(tmp_path):
     assert out[1] == "memoir.kernels._tophash"
 
 
-def test_checkout_root_on_path_does_not_shadow_the_hf_kernels_probe():
-    # transformers imports any top-level ``kernels`` it finds to probe for the Hugging Face
-    # package; from a checkout's root that is this folder, which must import cleanly and
-    # pull in nothing (not even memoir, which a user's plain clone may not have installed).
+def test_checkout_root_on_path_does_not_shadow_the_hf_kernels_package():
+    # transformers imports the Hugging Face ``kernels`` package when it is installed (recent
+    # versions depend on it) and probes for it otherwise; from a checkout's root the name
+    # ``kernels`` first finds this folder, which must hand the import to that package or, without
+    # it, import cleanly and pull in nothing (not even memoir, which a plain clone may lack).
     code = (
-        "import sys, kernels; "
-        "assert kernels.__all__ == [] and not hasattr(kernels, 'tophash'), dir(kernels); "
+        "import sys, importlib.util, kernels; "
         "assert not any(m == 'memoir' or m.startswith('memoir.') for m in sys.modules), sorted(sys.modules); "
+        "import transformers, transformers.activations; "
         "from transformers.utils.import_utils import is_kernels_available; "
-        "assert not is_kernels_available()"
+        "print(kernels.__file__, is_kernels_available())"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120, capture_output=True,
+                         text=True).stdout.split()
+    assert pathlib.Path(out[0]).resolve() != REPO / "kernels" / "__init__.py" or out[1] == "False", out
+    if out[1] == "True":  # the Hugging Face package is installed: the import reached it
+        assert "site-packages" in out[0] or "dist-packages" in out[0], out
+
+
+def test_checkout_root_without_the_hf_kernels_package_exposes_nothing(tmp_path):
+    # Only the checkout's own folder on the path (site-packages hidden): nothing to hand over to.
+    code = ("import sys; sys.path[:] = [p for p in sys.path if 'packages' not in p]; "
+            "import kernels; assert kernels.__all__ == [] and not hasattr(kernels, 'tophash'), dir(kernels); "
+            "print(kernels.__file__)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], check=True, cwd=REPO, timeout=120, capture_output=True,
+                         text=True).stdout.strip()
+    assert pathlib.Path(out).resolve() == REPO / "kernels" / "__init__.py"

@@ -79,7 +79,7 @@ def test_default_editor_picks_the_preset_and_edits_twenty_zsre_facts(smollm2):
 
 
 def test_subject_router_finds_the_subject_in_other_forms_and_not_in_neighbours(smollm2):
-    """router: subject on the real model: lower case, possessive and article forms of the subject reach
+    """router: subject on the real model: lower and upper case, possessive and article forms of the subject reach
     the edit, same-wording prompts about other subjects do not (experiments/subject_forms_probe.py
     measures these forms on the whole CounterFact file)."""
     model, tok = smollm2
@@ -100,6 +100,8 @@ PROBES = {
     "the capital of japan is": 0,                                   # lower case
     "Japan's capital city is": 0,                                   # possessive
     "Tell me about the United States. The capital of Japan is": 0,  # a prefix sentence
+    "The capital of JAPAN is": 0,                                   # capitals (subject_casefold)
+    "Who wrote ROMEO AND JULIET? It was written by": 1,
     "Who wrote romeo and juliet? It was written by": 1,
     "The play Romeo and Juliet is by": 1,
     "The Eiffel Tower is located in the city of": 2,

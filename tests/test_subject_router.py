@@ -130,3 +130,44 @@ def test_remove_forgets_an_edit():
         ed.remove(7)
     ed.remove(r.edit_id)
     assert ed.retrieve([EDIT[0]])[0].edit_id is None and len(ed.layer.subject) == 0 and not ed.edits()
+
+
+@pytest.mark.parametrize("casefold", [True, False])
+def test_a_query_in_capitals_scores_its_better_reading_under_casefold(casefold):
+    ed = editor_with("subject", subject_casefold=casefold)
+    ed.edit(*EDIT)
+    ed.edit("who wrote the book ?", "paris", "book")
+    upper, lower = "THE CAPITAL OF JAPAN IS", "the capital of japan is"
+    with ed._nested.overriding(active=True):
+        both = ed._subject_scores([upper, lower, NEIGHBOUR])
+        alone = torch.cat([ed._subject_scores([t]) for t in (upper, lower)]) if casefold else None
+        states, own = ed._subject_states(texts=[upper])
+    plain = ed.layer.subject.scores(states, own, ed.layer.bank.ids)[0]
+    assert not torch.equal(plain, both[1]), "the two readings must differ for the test to mean anything"
+    if casefold:
+        assert torch.equal(both[0], torch.maximum(plain, both[1]))
+        assert torch.equal(alone[0], both[0]) and torch.equal(alone[1], both[1])  # batching changes nothing
+    else:
+        assert torch.allclose(both[0], plain, atol=1e-6)
+
+
+def test_subject_scores_match_a_per_edit_loop():
+    from memoir.subject_router import SubjectKeys
+
+    g = torch.Generator().manual_seed(0)
+    keys = SubjectKeys(8)
+    for edit_id in (5, 2, 9, 7):  # ids out of order; each edit with one or two groups of 1-3 keys
+        keys.add(edit_id, [torch.randn(int(torch.randint(1, 4, (1,), generator=g)), 8, generator=g)
+                           for _ in range(1 + edit_id % 2)])
+    bank_ids = torch.tensor([9, 5, 3, 2])  # 7 is no longer stored, 3 has no keys
+    states, own = torch.randn(3, 6, 8, generator=g), torch.rand(3, 6, generator=g) > 0.3
+    got = keys.scores(states, own, bank_ids)
+    q = torch.nn.functional.normalize(states - keys.mean, dim=-1)
+    for b in range(3):
+        for row, edit in enumerate(bank_ids.tolist()):
+            best = -1.0
+            for grp in keys.groups[keys.edit_ids == edit].unique().tolist():
+                k = keys.keys[keys.groups == grp]
+                sim = (q[b][own[b]] @ k.T).amax(0) if own[b].any() else torch.full((k.shape[0],), -1.0)
+                best = max(best, float(sim.mean()))
+            assert abs(float(got[b, row]) - best) < 1e-5, (b, row, got[b, row], best)
