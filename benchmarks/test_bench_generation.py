@@ -60,6 +60,7 @@ def add_synthetic(editor: MemoirEditor, n: int, seed: int = 0) -> None:
     priv.ids, priv.cols = torch.cat([priv.ids, ids]), torch.cat([priv.cols, cols])
     priv.u = torch.cat([priv.u, 0.01 * torch.randn(n, priv.u.shape[1], priv.rank, generator=g)])
     priv.v = torch.cat([priv.v, 0.01 * torch.randn(n, priv.rank, k, generator=g)])
+    priv.lens = torch.cat([priv.lens, torch.full((n,), 3, dtype=torch.int64)])
     editor._next_id += n
 
 
@@ -73,7 +74,8 @@ def add_routed(editor: MemoirEditor) -> None:
         edit_id, _ = editor._store_mask(inputs.packed, request)
         with editor._nested.overriding(active=True):
             editor.layer.subject.add(edit_id, editor._subject_keys(request))
-        priv.add(edit_id, inputs.cols, 0.01 * torch.randn(priv.u.shape[1], inputs.cols.numel(), generator=g))
+        priv.add(edit_id, inputs.cols, 0.01 * torch.randn(priv.u.shape[1], inputs.cols.numel(), generator=g),
+                 int(inputs.batch.target_mask[0].sum()))
 
 
 @pytest.fixture(scope="module", params=[None] + EDITS, ids=lambda n: "unedited" if n is None else f"{n} edits")
@@ -125,7 +127,7 @@ def state_bytes(editor: MemoirEditor) -> dict:
     size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     return {"bank": size(layer.bank.words, layer.bank.ids),
             "subject_keys": size(layer.subject.keys, layer.subject.edit_ids, layer.subject.groups),
-            "private_blocks": size(layer.private.ids, layer.private.cols, layer.private.u, layer.private.v)}
+            "private_blocks": size(*layer.private.snapshot())}
 
 
 def test_bytes_per_edit_and_save(benchmark, served, tmp_path):
@@ -149,6 +151,6 @@ def llama3_8b_bytes_per_edit(rank: int = 16, key_tokens: int = 6) -> dict:
     d_in, d_out, k, d_model = 14336, 4096, 4096, 4096
     bank = 8 * ((d_in + 63) // 64) + 8
     keys = key_tokens * (4 * d_model + 16)
-    block = 8 + 8 * k + 4 * rank * (d_out + k)
+    block = 8 + 8 * k + 4 * rank * (d_out + k) + 8
     return {"bank": bank, "subject_keys": keys, "private_blocks": block, "total": bank + keys + block,
             "memory_tensor": 4 * d_out * d_in}

@@ -231,13 +231,17 @@ class MemoirConfig(DictFields):
                               "preservation and check_neighbours then have nothing to protect and are not used")
     private_rank: int = option(16, kind=int, low=1,
                                help="memory private: rank of each edit's stored block (truncated SVD)")
-    train_dropout: float = option(0.0, kind=float, low=0.0, high=1.0, high_open=True,
-                                  help="while an edit trains, each input the memory reads is dropped "
-                                       "with this probability (the rest scaled by 1 / (1 - p)), so the block answers "
-                                       "inputs that match the prompt's only in part (a rephrasing)")
     train_input_scale: float = option(1.0, kind=float, low=0.0, high=1.0, low_open=True,
                                       help="while an edit trains, the memory reads its inputs scaled "
                                            "by this factor, so the block reaches the target from weaker inputs")
+    block_gain: float = option(1.0, kind=float, low=1.0,
+                               help="memory private: each edit's trained block is stored multiplied by this "
+                                    "gain, so inputs that match the prompt's only in part (a rephrasing) still "
+                                    "reach the target (no effect on a shared memory)")
+    stop_after_target: bool = option(False, kind=bool,
+                                     help="memory private: in a generation an edit's block is read for the prompt "
+                                          "and until its target's tokens are produced, then the model goes on "
+                                          "unedited (the target is not repeated; no effect on a shared memory)")
     on_unconverged: str = option("keep", kind=str, choices=UNCONVERGED_POLICIES,
                                  help="an edit whose prompt does not yet produce its target after training "
                                       "(teacher-forced argmax): `keep` stores it anyway (the reference), "

@@ -225,33 +225,20 @@ def teacher_forced(editor, inputs: EditInputs, row: int) -> tuple[float, bool]:
     return float(loss), bool((logits[0].argmax(-1) == labels[0]).all())
 
 
-def input_augmentation(cfg, seed: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """What the memory reads while an edit trains (``train_dropout``, ``train_input_scale``),
-    or None for the layer input as it is.  Dropout draws from a generator seeded per edit, so an
-    edit trains the same way every time it is made."""
-    p, scale = cfg.train_dropout, cfg.train_input_scale
-    if p == 0.0 and scale == 1.0:
-        return None
-    generators: dict = {}
-
-    def augment(a: torch.Tensor) -> torch.Tensor:
-        if p > 0.0:
-            gen = generators.get(a.device)
-            if gen is None:
-                gen = generators[a.device] = torch.Generator(device=a.device).manual_seed(seed)
-            keep = torch.rand(a.shape, generator=gen, device=a.device) >= p
-            a = a * keep.to(a.dtype) / (1.0 - p)
-        return a * scale if scale != 1.0 else a
-
-    return augment
+def input_augmentation(cfg) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the memory reads while an edit trains (``train_input_scale``), or None for the layer
+    input as it is."""
+    scale = cfg.train_input_scale
+    return None if scale == 1.0 else (lambda a: a * scale)
 
 
 def store_private(editor, inputs: EditInputs, edit_id: int, row: int, training: Training) -> Training:
     """Under memory "private": move the block the edit trained on the scratch memory into its own
     factors, empty the scratch, and report the loss and convergence of the block as stored."""
-    memory = editor.layer.memory
+    memory, gain = editor.layer.memory, editor.config.block_gain
     with torch.no_grad():
-        editor.layer.private.add(edit_id, inputs.cols, memory[:, inputs.cols.to(memory.device)])
+        editor.layer.private.add(edit_id, inputs.cols, gain * memory[:, inputs.cols.to(memory.device)],
+                                 int(inputs.batch.target_mask[0].sum()))
         memory.zero_()
     loss, converged = teacher_forced(editor, inputs, row)
     return Training(training.steps, loss, converged)

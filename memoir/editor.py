@@ -125,6 +125,7 @@ class MemoirEditor(PromptRouting):
         if self.config.memory == "private":
             self.layer.private = PrivateBlocks(target.out_features, self.config.top_k, self.config.private_rank,
                                                device=self.device)
+            self.layer.stop_after_target = self.config.stop_after_target
         target.install(self.layer)
         self._nested = CallLocal(active=False)  # inside the subject router's own partial pass
         if self.config.router == "subject":
@@ -333,7 +334,7 @@ class MemoirEditor(PromptRouting):
             edit_id, row = self._store_mask(inputs.packed, request)  # drops the keys of an edit it replaces
             preserved, basis = editing.preservation_basis(self, inputs, txn) if not private else ([], None)
             transforms = editing.gradient_transforms(self.config, self.layer.memory, inputs, owners_before, basis)
-            with self.layer.training_passes(editing.input_augmentation(self.config, self.config.seed + edit_id)):
+            with self.layer.training_passes(editing.input_augmentation(self.config)):
                 training = editing.optimise(self, inputs, row, transforms)
             if private:
                 training = editing.store_private(self, inputs, edit_id, row, training)
@@ -513,13 +514,13 @@ class MemoirEditor(PromptRouting):
             if members:
                 joint = editing.joint_batch(self, [m[1] for m in members])
                 rows = [self.layer.bank.edit_ids.index(m[2]) for m in members]
-                augment = editing.input_augmentation(self.config, self.config.seed + members[0][2])
-                with self.layer.training_passes(augment):
+                with self.layer.training_passes(editing.input_augmentation(self.config)):
                     steps, blocks = editing.optimise_many(self, joint, rows, [m[1].cols for m in members],
                                                           [m[1].dense for m in members])
                 with torch.no_grad():
                     for (_, inputs, edit_id), block in zip(members, blocks):
-                        self.layer.private.add(edit_id, inputs.cols, block)
+                        self.layer.private.add(edit_id, inputs.cols, self.config.block_gain * block,
+                                               int(inputs.batch.target_mask[0].sum()))
                     self.layer.memory.zero_()
                 losses, hits = editing.routed_losses(self, joint, rows)
                 for (_, _, edit_id), n_steps, loss, hit in zip(members, steps, losses, hits):

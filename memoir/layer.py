@@ -57,9 +57,10 @@ class MemoirLayer(Float32Buffers):
         # pass of a call (an edit's own mask, or one an inference stack passes), a callable that
         # reads the layer input, and a per-call off switch.
         self.calls = CallLocal(prefill=False, span=None, route=None, pinned=None, capture=None, disabled=False,
-                               eligible=None, scratch=False, augment=None)
+                               eligible=None, scratch=False, augment=None, decoded=None)
         self.private = None  # PrivateBlocks under memory "private" (set by the editor)
         self.subject = None  # SubjectKeys under router "subject" (set by the editor)
+        self.stop_after_target = False  # memory private: a block is read until its target is produced
         self.transposed = type(base).__name__ == "Conv1D"  # GPT-2 stores the weight as [in, out]
 
     def extra_repr(self) -> str:
@@ -156,16 +157,18 @@ class MemoirLayer(Float32Buffers):
             capture(a)
         if not self.enabled or call.get("disabled"):
             return self.base(a)
-        route = call.get("pinned")
+        route, decoded = call.get("pinned"), None
         if route is None:
             if call.get("prefill"):
                 route = self.route(a, call.get("span"), call.get("eligible"))
-                call.set(prefill=False, span=None, route=route, eligible=None)
+                call.set(prefill=False, span=None, route=route, eligible=None, decoded=0)
             else:
-                route = call.get("route")
+                route, decoded = call.get("route"), call.get("decoded")
+                if decoded is not None:  # one more decode step of this call (a host-side count)
+                    call.set(decoded=decoded + 1)
         if route is None:
             return self.base(a)
-        return self.routed(a, route, scratch=call.get("scratch"), augment=call.get("augment"))
+        return self.routed(a, route, scratch=call.get("scratch"), augment=call.get("augment"), decoded=decoded)
 
     @contextlib.contextmanager
     def training_passes(self, augment=None):
@@ -175,7 +178,8 @@ class MemoirLayer(Float32Buffers):
         with self.calls.overriding(scratch=True, augment=augment):
             yield
 
-    def routed(self, a: torch.Tensor, route: Route, scratch: bool = False, augment=None) -> torch.Tensor:
+    def routed(self, a: torch.Tensor, route: Route, scratch: bool = False, augment=None,
+               decoded: int | None = None) -> torch.Tensor:
         """``base(a) + Wm (M ⊙ a)`` with each sequence's mask from ``route`` (one opaque op, so
         nothing here branches on the route's values: safe to compile).  Under memory "private" a
         sequence reads its edit's own block instead (``memoir.private``), except while an edit trains."""
@@ -183,8 +187,10 @@ class MemoirLayer(Float32Buffers):
             return self.base(a)
         if self.private is not None and not scratch:
             p = self.private
-            return torch.ops.memoir.private_residual(self.base(a), a, p.u, p.v, p.cols,
-                                                     p.index_for(self.bank.ids, route.rows))
+            index = p.index_for(self.bank.ids, route.rows)
+            if self.stop_after_target and decoded is not None:
+                index = p.still_needed(index, decoded)
+            return torch.ops.memoir.private_residual(self.base(a), a, p.u, p.v, p.cols, index)
         read = augment(a) if scratch and augment is not None else a
         return torch.ops.memoir.routed_residual(self.base(a), read, self.memory, self.bank.words, route.rows,
                                                 self.top_k)

@@ -185,11 +185,11 @@ def check_state(state: dict, meta: _Fields, config: MemoirConfig, state_path: pa
 
 def check_private(state: dict, bank_ids: list[int], config: MemoirConfig, bad) -> None:
     """The private blocks of memory "private": one per stored edit, shapes that fit the config."""
-    names = ("private_ids", "private_cols", "private_u", "private_v")
+    names = ("private_ids", "private_cols", "private_u", "private_v", "private_lens")
     for name in names:
         if name not in state:
             bad(name, "is missing (the config says memory 'private')")
-    ids, cols, u, v = (state[n] for n in names)
+    ids, cols, u, v, lens = (state[n] for n in names)
     if sorted(ids.tolist()) != sorted(bank_ids):
         bad("private_ids", f"holds blocks of edits {sorted(ids.tolist())[:8]}... but the bank {sorted(bank_ids)[:8]}...")
     n, k, r = len(bank_ids), config.top_k, config.private_rank
@@ -198,6 +198,8 @@ def check_private(state: dict, bank_ids: list[int], config: MemoirConfig, bad) -
                                 f"of top_k {k} at private_rank {r}")
     if n and (int(cols.min()) < 0 or int(cols.max()) >= state["memory"].shape[1]):
         bad("private_cols", "names a column outside the memory")
+    if lens.shape != (n,) or (n and int(lens.min()) < 1):
+        bad("private_lens", f"must hold one target length >= 1 per edit ({n}); has shape {tuple(lens.shape)}")
 
 
 def read_save(path: pathlib.Path):

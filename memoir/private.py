@@ -21,8 +21,9 @@ from memoir.state import GrowingBuffers
 
 
 class PrivateBlocks(GrowingBuffers):
-    """Per stored edit (buffers, rows in insertion order): ``ids [N]``, the edit's columns ``cols [N, k]``
-    and its block's factors ``u [N, out, r]``, ``v [N, r, k]`` (rank below ``r`` zero-padded)."""
+    """Per stored edit (buffers, rows in insertion order): ``ids [N]``, the edit's columns ``cols [N, k]``,
+    its block's factors ``u [N, out, r]``, ``v [N, r, k]`` (rank below ``r`` zero-padded) and the number
+    of its target's tokens ``lens [N]`` (how long the block is needed in a generation)."""
 
     def __init__(self, out_features: int, top_k: int, rank: int, device=None):
         super().__init__()
@@ -31,13 +32,15 @@ class PrivateBlocks(GrowingBuffers):
         self.register_buffer("cols", torch.zeros((0, top_k), dtype=torch.int64, device=device))
         self.register_buffer("u", torch.zeros((0, out_features, self.rank), device=device))
         self.register_buffer("v", torch.zeros((0, self.rank, top_k), device=device))
+        self.register_buffer("lens", torch.zeros((0,), dtype=torch.int64, device=device))
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
-    def add(self, edit_id: int, cols: torch.Tensor, block: torch.Tensor) -> float:
-        """Store ``block`` ``[out, k]`` (the edit's trained columns ``cols``) as rank-``r`` factors;
-        returns the share of its energy (squared Frobenius norm) the factors keep."""
+    def add(self, edit_id: int, cols: torch.Tensor, block: torch.Tensor, target_tokens: int = 1) -> float:
+        """Store ``block`` ``[out, k]`` (the edit's trained columns ``cols``, for a target of
+        ``target_tokens`` tokens) as rank-``r`` factors; returns the share of its energy (squared
+        Frobenius norm) the factors keep."""
         u, s, vh = torch.linalg.svd(block.detach().float(), full_matrices=False)
         r = min(self.rank, s.shape[0])
         total = float((s ** 2).sum())
@@ -50,18 +53,20 @@ class PrivateBlocks(GrowingBuffers):
         self.ids = torch.cat([self.ids, torch.tensor([int(edit_id)], dtype=torch.int64, device=dev)])
         self.cols = torch.cat([self.cols, cols.reshape(1, -1).to(dev, torch.int64)])
         self.u, self.v = torch.cat([self.u, uu]), torch.cat([self.v, vv])
+        self.lens = torch.cat([self.lens, torch.tensor([max(int(target_tokens), 1)], dtype=torch.int64, device=dev)])
         return kept
 
     def pop(self, edit_id: int) -> None:
         keep = self.ids != int(edit_id)
         self.ids, self.cols, self.u, self.v = self.ids[keep], self.cols[keep], self.u[keep], self.v[keep]
+        self.lens = self.lens[keep]
 
     def snapshot(self):
         """The current tensors (replaced, never modified in place: holding them is a snapshot)."""
-        return self.ids, self.cols, self.u, self.v
+        return self.ids, self.cols, self.u, self.v, self.lens
 
     def restore(self, snapshot) -> None:
-        self.ids, self.cols, self.u, self.v = snapshot
+        self.ids, self.cols, self.u, self.v, self.lens = snapshot
 
     def block(self, edit_id: int) -> torch.Tensor:
         """The stored block of ``edit_id`` as ``[out, k]`` (``U @ V``)."""
@@ -70,13 +75,15 @@ class PrivateBlocks(GrowingBuffers):
 
     def state(self) -> dict:
         return {"private_ids": self.ids.contiguous().cpu(), "private_cols": self.cols.contiguous().cpu(),
-                "private_u": self.u.contiguous().cpu(), "private_v": self.v.contiguous().cpu()}
+                "private_u": self.u.contiguous().cpu(), "private_v": self.v.contiguous().cpu(),
+                "private_lens": self.lens.contiguous().cpu()}
 
     def load(self, state: dict, device) -> None:
         self.ids = state["private_ids"].to(device, torch.int64)
         self.cols = state["private_cols"].to(device, torch.int64)
         self.u = state["private_u"].to(device, self.u.dtype)
         self.v = state["private_v"].to(device, self.v.dtype)
+        self.lens = state["private_lens"].to(device, torch.int64)
 
     def index_for(self, bank_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``[B]``: the block of each sequence's bank row (``-1``: unrouted or no block), on device."""
@@ -87,6 +94,15 @@ class PrivateBlocks(GrowingBuffers):
         match = edit[:, None] == self.ids.to(edit.device)[None, :]
         found = (rows >= 0) & match.any(dim=1)
         return torch.where(found, match.int().argmax(dim=1), torch.full_like(rows, -1))
+
+    def still_needed(self, index: torch.Tensor, decoded: int) -> torch.Tensor:
+        """``index`` with ``-1`` for the sequences whose block is no longer needed after ``decoded``
+        decode steps: the prompt pass predicts the target's first token and decode step ``j`` its
+        ``j + 1``-th, so a block of an ``n``-token target is read for the prompt and ``n - 1`` steps."""
+        if len(self) == 0:
+            return index
+        lens = self.lens.to(index.device)[index.clamp_min(0)]
+        return torch.where(lens - 1 > decoded, index, torch.full_like(index, -1))
 
 
 @torch.library.custom_op("memoir::private_residual", mutates_args=())

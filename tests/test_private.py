@@ -214,17 +214,77 @@ def test_an_input_scale_trains_a_block_that_reaches_the_target_from_weaker_input
     assert block.norm() > plain.layer.private.block(0).norm()
 
 
-def test_input_dropout_is_seeded_per_edit_and_changes_the_block():
-    runs = [make_editor(train_dropout=0.3) for _ in range(2)] + [make_editor()]
-    for editor in runs:
-        editor.edit(*FACTS[1])
-    assert torch.equal(runs[0].layer.private.block(0), runs[1].layer.private.block(0))
-    assert not torch.equal(runs[0].layer.private.block(0), runs[2].layer.private.block(0))
-    assert teacher_forced(runs[0], *FACTS[1])[1]
-
-
-@pytest.mark.parametrize("field,value", [("train_dropout", 1.0), ("train_dropout", -0.1),
-                                         ("train_input_scale", 0.0), ("train_input_scale", 1.5)])
+@pytest.mark.parametrize("field,value", [("train_input_scale", 0.0), ("train_input_scale", 1.5)])
 def test_augmentation_fields_are_range_checked(field, value):
     with pytest.raises(ValueError, match=field):
         MemoirConfig(**{field: value})
+
+
+def test_a_block_gain_stores_the_trained_block_amplified():
+    plain, amplified = make_editor(), make_editor(block_gain=2.0)
+    for editor in (plain, amplified):
+        editor.edit(*FACTS[2])
+    torch.testing.assert_close(amplified.layer.private.block(0), 2.0 * plain.layer.private.block(0),
+                               rtol=1e-5, atol=1e-6)
+    assert teacher_forced(amplified, *FACTS[2])[1]
+    assert [r.steps for r in amplified.edits()] == [r.steps for r in plain.edits()]  # no extra training
+
+
+def test_a_block_gain_below_one_is_refused():
+    with pytest.raises(ValueError, match="block_gain"):
+        MemoirConfig(block_gain=0.5, memory="private")
+
+
+def test_the_private_memory_options_do_not_change_a_shared_memory():
+    plain, loaded = make_editor("shared"), make_editor("shared", block_gain=2.0, stop_after_target=True)
+    for editor in (plain, loaded):
+        for fact in FACTS[:2]:
+            editor.edit(*fact)
+    assert torch.equal(plain.layer.memory, loaded.layer.memory)
+    assert plain.generate([FACTS[0][0]], max_new_tokens=4) == loaded.generate([FACTS[0][0]], max_new_tokens=4)
+
+
+def _recording_still_needed(monkeypatch):
+    seen = []
+    original = PrivateBlocks.still_needed
+
+    def record(self, index, decoded):
+        out = original(self, index, decoded)
+        seen.append((decoded, out.tolist()))
+        return out
+
+    monkeypatch.setattr(PrivateBlocks, "still_needed", record)
+    return seen
+
+
+def test_stop_after_target_reads_a_block_for_the_prompt_and_its_targets_tokens_only(monkeypatch):
+    prompt, target = "the capital of japan is", "rome paris"
+    editor = make_editor(stop_after_target=True)
+    assert editor.edit(prompt, target).converged
+    n = int(editor.layer.private.lens[0])
+    assert n >= 2, "a multi-token target makes the test mean something"
+    seen = _recording_still_needed(monkeypatch)
+    out = editor.generate([prompt, "who wrote the book ?"], max_new_tokens=n + 3)
+    assert out[0].strip().startswith(target)
+    # Decode step d feeds the d-th generated token: the block serves steps 0 .. n - 2 (tokens 2 .. n).
+    assert [d for d, _ in seen] == list(range(n + 2))
+    assert [rows[0] for _, rows in seen] == [0 if d < n - 1 else -1 for d in range(n + 2)]
+    assert all(rows[1] == -1 for _, rows in seen)  # the unrouted prompt reads nothing throughout
+
+
+def test_without_stop_after_target_a_block_is_read_at_every_step(monkeypatch):
+    editor = make_editor()
+    editor.edit("the capital of japan is", "rome paris")
+    seen = _recording_still_needed(monkeypatch)
+    editor.generate(["the capital of japan is"], max_new_tokens=4)
+    assert seen == []
+
+
+def test_still_needed_counts_each_blocks_target():
+    blocks = PrivateBlocks(out_features=4, top_k=2, rank=1)
+    for edit_id, n in ((3, 1), (4, 3)):
+        blocks.add(edit_id, torch.tensor([0, 1]), torch.ones(4, 2), target_tokens=n)
+    index = torch.tensor([0, 1, -1])
+    assert blocks.still_needed(index, 0).tolist() == [-1, 1, -1]
+    assert blocks.still_needed(index, 1).tolist() == [-1, 1, -1]
+    assert blocks.still_needed(index, 2).tolist() == [-1, -1, -1]
