@@ -10,7 +10,8 @@ import argparse
 import json
 import pathlib
 
-START, END = "<!-- bench-table -->\n", "<!-- /bench-table -->"
+from markdown_block import write_block
+
 
 
 def _variant(row: dict) -> str:
@@ -67,13 +68,8 @@ def main():
     if not args.write:
         print("\n".join(lines))
         return
-    doc = pathlib.Path(args.write)
-    text = doc.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{doc}: bench-table markers not found")
-    head, rest = text.split(START, 1)
-    doc.write_text(head + START + "\n".join(lines) + "\n" + END + rest.split(END, 1)[1])
-    print(f"updated {doc}")
+    write_block(args.write, "bench-table", lines)
+    print(f"updated {args.write}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ import argparse
 import json
 import pathlib
 
+from markdown_block import write_block
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COLS = ("rel", "gen", "gen_all", "loc", "nbr_spec", "nbr_fire", "mean", "rel_em", "gen_em", "route_gen")
-START, END = "<!-- eval-table -->\n", "<!-- /eval-table -->"
 
 
 def fmt(v):
@@ -45,13 +46,8 @@ def main():
     if not args.write:
         print("\n".join(lines))
         return
-    doc = pathlib.Path(args.write)
-    text = doc.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{doc}: eval-table markers not found")
-    head, rest = text.split(START, 1)
-    doc.write_text(head + START + "\n".join(lines) + "\n" + END + rest.split(END, 1)[1])
-    print(f"updated {doc} ({len(lines) - 2} runs)")
+    write_block(args.write, "eval-table", lines)
+    print(f"updated {args.write} ({len(lines) - 2} runs)")
 
 
 if __name__ == "__main__":
