@@ -237,7 +237,8 @@ class MemoirConfig(DictFields):
     block_gain: float = option(1.0, kind=float, low=1.0,
                                help="memory private: each edit's trained block is stored multiplied by this "
                                     "gain, so inputs that match the prompt's only in part (a rephrasing) still "
-                                    "reach the target (no effect on a shared memory)")
+                                    "reach the target; decode steps of a generation read the block as trained "
+                                    "(no effect on a shared memory)")
     stop_after_target: bool = option(False, kind=bool,
                                      help="memory private: in a generation an edit's block is read for the prompt "
                                           "and until its target's tokens are produced, then the model goes on "

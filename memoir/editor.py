@@ -126,6 +126,7 @@ class MemoirEditor(PromptRouting):
             self.layer.private = PrivateBlocks(target.out_features, self.config.top_k, self.config.private_rank,
                                                device=self.device)
             self.layer.stop_after_target = self.config.stop_after_target
+            self.layer.block_gain = self.config.block_gain
         target.install(self.layer)
         self._nested = CallLocal(active=False)  # inside the subject router's own partial pass
         if self.config.router == "subject":

@@ -61,6 +61,7 @@ class MemoirLayer(Float32Buffers):
         self.private = None  # PrivateBlocks under memory "private" (set by the editor)
         self.subject = None  # SubjectKeys under router "subject" (set by the editor)
         self.stop_after_target = False  # memory private: a block is read until its target is produced
+        self.block_gain = 1.0  # memory private: the gain the blocks were stored with
         self.transposed = type(base).__name__ == "Conv1D"  # GPT-2 stores the weight as [in, out]
 
     def extra_repr(self) -> str:
@@ -190,7 +191,14 @@ class MemoirLayer(Float32Buffers):
             index = p.index_for(self.bank.ids, route.rows)
             if self.stop_after_target and decoded is not None:
                 index = p.still_needed(index, decoded)
-            return torch.ops.memoir.private_residual(self.base(a), a, p.u, p.v, p.cols, index)
+            y = self.base(a)
+            out = torch.ops.memoir.private_residual(y, a, p.u, p.v, p.cols, index)
+            if decoded is not None and self.block_gain != 1.0:
+                # Blocks are stored with the gain, which serves the prompt pass (the target's first
+                # token); the target's later tokens, fed back one per decode step, read the block as
+                # trained, so a long target does not overshoot into repeating its first tokens.
+                out = y + (out - y) / self.block_gain
+            return out
         read = augment(a) if scratch and augment is not None else a
         return torch.ops.memoir.routed_residual(self.base(a), read, self.memory, self.bank.words, route.rows,
                                                 self.top_k)

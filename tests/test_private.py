@@ -288,3 +288,19 @@ def test_still_needed_counts_each_blocks_target():
     assert blocks.still_needed(index, 0).tolist() == [-1, 1, -1]
     assert blocks.still_needed(index, 1).tolist() == [-1, 1, -1]
     assert blocks.still_needed(index, 2).tolist() == [-1, -1, -1]
+
+
+def test_decode_steps_read_a_gained_block_as_trained():
+    """The prompt pass reads the stored (gained) block; each decode step reads it divided by the gain."""
+    from memoir.route import Route
+
+    editor = make_editor(block_gain=3.0)
+    editor.edit(*FACTS[0])
+    layer = editor.layer
+    a = torch.randn(1, 1, layer.in_features)
+    base = layer.base(a)
+    with torch.no_grad():
+        prompt_pass = layer.routed(a, Route.to_row(0, 1)) - base
+        decode_step = layer.routed(a, Route.to_row(0, 1), decoded=0) - base
+    assert prompt_pass.abs().max() > 0
+    torch.testing.assert_close(decode_step, prompt_pass / 3.0, rtol=1e-4, atol=1e-5)
