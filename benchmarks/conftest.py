@@ -21,6 +21,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
     machine_info["memoir"] = memoir_machine()
     machine_info["memoir"]["bench_quick"] = QUICK
+    machine_info["memoir"]["torch_threads"] = 1  # what every benchmark runs with (the _one_thread fixture)
 
 
 @pytest.fixture(autouse=True)
