@@ -13,7 +13,6 @@ import pathlib
 from markdown_block import write_block
 
 
-
 def _variant(row: dict) -> str:
     parts = [str(row[k]) for k in ("impl", "memory", "kernel_mode") if row.get(k)]
     for key in ("n", "d", "q"):

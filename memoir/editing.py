@@ -232,13 +232,19 @@ def input_augmentation(cfg) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return None if scale == 1.0 else (lambda a: a * scale)
 
 
+def keep_block(editor, inputs: EditInputs, edit_id: int, block: torch.Tensor) -> None:
+    """Store an edit's trained block ``[out, k]`` as its private block: with the config's gain and
+    the length of its target (how many decode steps need it)."""
+    editor.layer.private.add(edit_id, inputs.cols, editor.config.block_gain * block,
+                             int(inputs.batch.target_mask[0].sum()))
+
+
 def store_private(editor, inputs: EditInputs, edit_id: int, row: int, training: Training) -> Training:
     """Under memory "private": move the block the edit trained on the scratch memory into its own
     factors, empty the scratch, and report the loss and convergence of the block as stored."""
-    memory, gain = editor.layer.memory, editor.config.block_gain
+    memory = editor.layer.memory
     with torch.no_grad():
-        editor.layer.private.add(edit_id, inputs.cols, gain * memory[:, inputs.cols.to(memory.device)],
-                                 int(inputs.batch.target_mask[0].sum()))
+        keep_block(editor, inputs, edit_id, memory[:, inputs.cols.to(memory.device)])
         memory.zero_()
     loss, converged = teacher_forced(editor, inputs, row)
     return Training(training.steps, loss, converged)

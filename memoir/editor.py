@@ -244,9 +244,9 @@ class MemoirEditor(PromptRouting):
         scores = subject.scores(states, own, ids)
         if folded:
             mine = torch.tensor(folded, device=scores.device)
-            own = scores[: len(texts)].clone()
-            own[mine] = torch.maximum(own[mine], scores[len(texts):])
-            return own
+            best = scores[: len(texts)].clone()
+            best[mine] = torch.maximum(best[mine], scores[len(texts):])
+            return best
         return scores
 
     @torch.no_grad()
@@ -520,8 +520,7 @@ class MemoirEditor(PromptRouting):
                                                           [m[1].dense for m in members])
                 with torch.no_grad():
                     for (_, inputs, edit_id), block in zip(members, blocks):
-                        self.layer.private.add(edit_id, inputs.cols, self.config.block_gain * block,
-                                               int(inputs.batch.target_mask[0].sum()))
+                        editing.keep_block(self, inputs, edit_id, block)
                     self.layer.memory.zero_()
                 losses, hits = editing.routed_losses(self, joint, rows)
                 for (_, _, edit_id), n_steps, loss, hit in zip(members, steps, losses, hits):
