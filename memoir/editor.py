@@ -232,7 +232,16 @@ class MemoirEditor(PromptRouting):
             # A teacher-forced prompt + target pass: only the prompt may name the subject.
             attention_mask = attention_mask.bool() & span.to(attention_mask.device)
         texts = subject_router.row_texts(self.tokenizer, input_ids, attention_mask)
-        self.layer.calls.set(eligible=self._subject_scores(texts) >= self.config.subject_threshold)
+        self.layer.calls.set(eligible=self.eligibility(texts))
+
+    def eligibility(self, texts: list[str]) -> torch.Tensor | None:
+        """``[B, N]`` bool: the bank rows each prompt text may be routed to (it names their subject),
+        or ``None`` when every row may (no subject router, or an empty bank).  What the prompt pass
+        of ``generate`` decides; an inference stack routing its own requests calls it with their
+        prompt texts (``memoir.integrations.step_router``)."""
+        if self.layer.subject is None or len(self.layer.bank) == 0:
+            return None
+        return self._subject_scores(texts) >= self.config.subject_threshold
 
     def _subject_scores(self, texts: list[str]) -> torch.Tensor:
         """``[B, N]``: how well each text names each bank row's subject.  Under ``subject_casefold`` a

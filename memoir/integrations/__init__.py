@@ -1,0 +1,1 @@
+"""Integrations with inference stacks (optional dependencies, imported on use)."""
