@@ -1,4 +1,5 @@
-"""The ``memoir`` command line: ``demo``, ``edit``, ``inspect``, ``config``, ``info`` (+ ``eval`` / ``plot``)."""
+"""The ``memoir`` command line: ``demo``, ``edit``, ``inspect``, ``serve``, ``config``, ``info``, ``bench``
+(+ ``eval`` / ``plot``)."""
 from __future__ import annotations
 
 import argparse
@@ -235,6 +236,22 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from memoir.integrations import vllm as plugin
+
+    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    command = plugin.server_command(plugin.vllm_python(args.python), args.edits, args.model, args.host, args.port,
+                                    args.max_model_len, int(args.kv_cache_gib * (1 << 30)), extra)
+    if args.dry_run:
+        print(" ".join(command))
+        return 0
+    print(f"memoir serve: {args.edits} on http://{args.host}:{args.port}/v1 (vLLM's OpenAI-compatible API)",
+          flush=True)
+    os.execv(command[0], command)  # vLLM owns the process from here (signals, exit status)
+
+
 def cmd_config(args) -> int:
     from memoir.config import MemoirConfig, markdown_table, rewrite_table
 
@@ -277,6 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", default="benchmarks/results/bench", help="folder for bench.json, summary.json/.png")
     b.add_argument("-k", dest="select", help="only the benchmarks matching this pytest -k expression")
     b.set_defaults(func=cmd_bench)
+
+    v = sub.add_parser("serve", help="serve saved edits with vLLM's OpenAI-compatible HTTP server",
+                       epilog="anything after -- goes to vLLM's server unchanged")
+    v.add_argument("--edits", required=True, help="a folder written by MemoirEditor.save / memoir edit --save")
+    v.add_argument("--model", default="smollm2", help="the model the edits were made on: 'smollm2' or a HF folder")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-model-len", type=int, default=2048, help="longest prompt + completion, in tokens")
+    v.add_argument("--kv-cache-gib", type=float, default=1.0, help="memory for the KV cache")
+    v.add_argument("--python", help="the Python with vLLM (default: this one, $MEMOIR_VLLM_PYTHON or .venv-vllm)")
+    v.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
+    v.add_argument("vllm_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    v.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("config", help="every MemoirConfig field (default, allowed values, meaning) or a preset")
     c.add_argument("--preset", help="print this shipped preset's fields as YAML")

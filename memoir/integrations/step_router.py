@@ -28,6 +28,7 @@ class StepRouter:
         self.editor = editor
         self.layer = editor.layer
         self._live: dict[int, tuple[int, int]] = {}  # request key -> (bank row, prompt length)
+        self.mixed_steps = 0  # steps that held both a request's first step and another's decode step
 
     def __len__(self) -> int:
         return len(self._live)
@@ -67,6 +68,8 @@ class StepRouter:
             row, plen = self._live[key]
             rows.append(row)
             prompt_lens.append(plen)
+        if n_req and bool((context == 0).any()) and bool((context > 0).any()):
+            self.mixed_steps += 1
         t_real = int(starts[-1])
         counts = starts[1:] - starts[:-1]
         req = torch.repeat_interleave(torch.arange(n_req), counts)

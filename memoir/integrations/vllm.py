@@ -124,9 +124,30 @@ def server_command(python: str, edits, model: str = "smollm2", host: str = "127.
                    extra: list[str] | None = None) -> list[str]:
     """The command line of vLLM's OpenAI-compatible server for :func:`engine_args` (``memoir serve``)."""
     args = engine_args(edits, model, max_model_len, kv_cache_bytes)
-    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", args["model"],
+    name = model if "/" not in model else pathlib.Path(model).name  # what clients pass as "model"
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", args["model"], "--served-model-name", name,
             "--hf-overrides", json.dumps(args["hf_overrides"]), "--dtype", args["dtype"],
             "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
             "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len),
             "--kv-cache-memory-bytes", str(kv_cache_bytes),
             "--host", host, "--port", str(port), *(extra or [])]
+
+
+def vllm_python(explicit: str | None = None) -> str:
+    """The Python that runs vLLM: ``explicit``, else ``$MEMOIR_VLLM_PYTHON``, else this one when it has
+    vLLM, else the venv scripts/setup_vllm.sh builds beside this checkout."""
+    import importlib.util
+    import os
+    import sys
+
+    if explicit:
+        return explicit
+    if os.environ.get("MEMOIR_VLLM_PYTHON"):
+        return os.environ["MEMOIR_VLLM_PYTHON"]
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    venv = pathlib.Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+    if venv.exists():
+        return str(venv)
+    raise FileNotFoundError("vLLM is not installed for this Python: build its environment with "
+                            "scripts/setup_vllm.sh, or name one with --python / MEMOIR_VLLM_PYTHON")
