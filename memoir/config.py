@@ -214,6 +214,9 @@ class MemoirConfig(DictFields):
     subject_casefold: bool = option(True, kind=bool,
                                     help="router subject: a query is also read lower-cased and scores its better "
                                          "reading (subjects in capitals reach their edit)")
+    subject_casefold_margin: float = option(0.01, kind=float, low=0.0, high=1.0,
+                                            help="router subject: the lower-cased reading scores this much less (it "
+                                                 "matches more loosely: with 0, 2.1 % of CounterFact neighbours fire)")
     on_conflict: str = option("supersede", kind=str, choices=CONFLICT_POLICIES,
                               help="a new edit asking a stored edit's question (same subject and relation): "
                                    "`supersede` removes the stored one, `keep` keeps both (memoir.conflicts)")

@@ -246,7 +246,9 @@ class MemoirEditor(PromptRouting):
     def _subject_scores(self, texts: list[str]) -> torch.Tensor:
         """``[B, N]``: how well each text names each bank row's subject.  Under ``subject_casefold`` a
         text is also read lower-cased (in the same partial pass) and scores its better reading, so a
-        subject written in capitals reaches the lower-cased keys every edit keeps."""
+        subject written in capitals reaches the lower-cased keys every edit keeps; the lower-cased
+        reading counts ``subject_casefold_margin`` less, since lower-cased tokens of different names
+        look more alike (experiments/casefold_probe.py)."""
         subject, ids = self.layer.subject, self.layer.bank.ids
         folded = [i for i, t in enumerate(texts) if self.config.subject_casefold and t.lower() != t]
         states, own = self._subject_states(texts=texts + [texts[i].lower() for i in folded])
@@ -254,7 +256,7 @@ class MemoirEditor(PromptRouting):
         if folded:
             mine = torch.tensor(folded, device=scores.device)
             best = scores[: len(texts)].clone()
-            best[mine] = torch.maximum(best[mine], scores[len(texts):])
+            best[mine] = torch.maximum(best[mine], scores[len(texts):] - self.config.subject_casefold_margin)
             return best
         return scores
 
