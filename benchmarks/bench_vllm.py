@@ -4,9 +4,8 @@ Python of scripts/setup_vllm.sh)::
     .venv-vllm/bin/python benchmarks/bench_vllm.py [--rounds 5] [--output benchmarks/results/bench/vllm.json]
 
 SmolLM2-135M-Instruct in float32 with the shipped preset's memory: the 8 prompts of the generation
-benchmark stored as edits (their real masks and subject keys, random blocks: what a block holds does
-not change its cost), so every request of the batch is routed and reads a block, the plugin's worst
-case.  Both engines run with the plugin's settings (no prefix caching, no chunked prefill), in
+benchmark edited (``edit_many``), so every request of the batch is routed and reads a block, the
+plugin's worst case.  Both engines run with the plugin's settings (no prefix caching, no chunked prefill), in
 vLLM's default compiled mode, one process each after the other.  Reported per engine: generated
 tokens/s over ``--rounds`` timed rounds of the 8 prompts x ``--copies`` (every request decodes
 ``--new-tokens`` tokens, ``ignore_eos``), its best and median round, and the ratio memoir / plain.
@@ -32,12 +31,12 @@ def make_edits(folder: pathlib.Path) -> int:
     import torch
 
     from memoir import MemoirConfig, MemoirEditor, load_model
-    from test_bench_generation import PROMPTS, add_routed
+    from test_bench_generation import PROMPTS
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2")
     editor = MemoirEditor(model, tok, MemoirConfig.preset("smollm2"))
-    add_routed(editor)
+    editor.edit_many([{"prompt": p, "target": t, "subject": s} for p, t, s in PROMPTS], progress=False)
     routes = editor.retrieve([p for p, _, _ in PROMPTS])
     assert [r.edit_id for r in routes] == list(range(len(PROMPTS))), routes
     editor.save(folder)

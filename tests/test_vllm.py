@@ -148,6 +148,29 @@ def test_unsafe_engine_settings_are_refused(saved):
     vllm_model._ROUTERS.clear()
 
 
+def test_a_served_model_other_than_the_edited_one_is_refused(saved, tmp_path):
+    """The weights vLLM loads for the edited projection must be the ones the edits were made on."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from memoir.integrations import vllm_model
+    from memoir.integrations.vllm import model_folder
+
+    folder, _ = saved
+    other = tmp_path / "other"
+    shutil.copytree(model_folder("smollm2"), other)
+    (weights,) = other.glob("*.safetensors")
+    state = load_file(str(weights))
+    name = "model.layers.27.mlp.down_proj.weight"
+    state[name] = state[name].clone()
+    state[name][0, 0] += 1e-3
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(Exception, match="fingerprint"):
+        _llm(folder, model=str(other), enforce_eager=True)
+    vllm_model._ROUTERS.clear()
+
+
 def test_compiled_mode_matches_generate(saved, eager):
     folder, expected = saved
     _shutdown(eager)  # one engine at a time in this process
