@@ -42,6 +42,20 @@ def run(output, quick: bool = False, select: str | None = None, timeout: float |
     return summary
 
 
+def run_vllm(output, python: str | None = None, timeout: float | None = None) -> dict:
+    """vLLM generation with memoir's plugin against plain vLLM (benchmarks/bench_vllm.py), run with the
+    Python that has vLLM (:func:`memoir.integrations.vllm.vllm_python`); writes ``<output>/vllm.json``."""
+    from memoir.integrations.vllm import vllm_python
+
+    dest = pathlib.Path(output) / "vllm.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [vllm_python(python), str(suite_dir() / "bench_vllm.py"), "--output", str(dest)]
+    proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the vLLM benchmark failed (exit {proc.returncode}); see the output above")
+    return json.loads(dest.read_text())
+
+
 def summarise(raw: dict) -> dict:
     """Per group: rows ``{name, min_s, median_s, ratio_to_baseline, ...extra_info}``; the baseline of a
     group is its row marked ``baseline`` (several baselines: each memoir row gets a ratio to each)."""

@@ -224,6 +224,11 @@ def cmd_bench(args) -> int:
     from memoir import bench
 
     try:
+        if args.vllm:
+            result = bench.run_vllm(args.output)
+            print(f"vLLM generation with the plugin: {result['ratio_memoir_vs_plain']:.3f}x plain vLLM's tokens/s; "
+                  f"wrote {args.output}/vllm.json")
+            return 0
         summary = bench.run(args.output, quick=args.quick, select=args.select)
     except (FileNotFoundError, RuntimeError) as e:
         print(f"memoir bench: {e}", file=sys.stderr)
@@ -293,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small sizes: a few minutes on a 2-core CPU")
     b.add_argument("--output", default="benchmarks/results/bench", help="folder for bench.json, summary.json/.png")
     b.add_argument("-k", dest="select", help="only the benchmarks matching this pytest -k expression")
+    b.add_argument("--vllm", action="store_true",
+                   help="instead: vLLM with the plugin vs plain vLLM (needs scripts/setup_vllm.sh), vllm.json")
     b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("serve", help="serve saved edits with vLLM's OpenAI-compatible HTTP server",

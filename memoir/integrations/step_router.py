@@ -33,13 +33,17 @@ class StepRouter:
     def __len__(self) -> int:
         return len(self._live)
 
-    def route_prompt(self, ids: torch.Tensor, acts: torch.Tensor) -> int:
-        """The bank row (-1: none) ``generate`` would route a prompt of token ids ``[S]`` with layer
-        inputs ``[S, D]`` to: the same eligibility (subject router) and TopHash overlap rule."""
-        text = self.editor.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
-        eligible = self.editor.eligibility([text])
-        route: Route = self.layer.route(acts[None], None, eligible)
-        return int(route.rows[0])
+    def route_prompts(self, ids: list[torch.Tensor], acts: list[torch.Tensor]) -> list[int]:
+        """The bank row (-1: none) ``generate`` would route each prompt of token ids ``[S]`` with layer
+        inputs ``[S, D]`` to: the same eligibility (subject router, one partial pass for all) and
+        TopHash overlap rule."""
+        texts = self.editor.tokenizer.batch_decode([i.tolist() for i in ids], skip_special_tokens=True)
+        eligible = self.editor.eligibility(texts)
+        rows = []
+        for j, a in enumerate(acts):
+            route: Route = self.layer.route(a[None], None, None if eligible is None else eligible[j:j + 1])
+            rows.append(int(route.rows[0]))
+        return rows
 
     @torch.no_grad()
     def residual(self, y: torch.Tensor, a: torch.Tensor, input_ids: torch.Tensor, starts: torch.Tensor,
@@ -55,20 +59,21 @@ class StepRouter:
             return y.clone()
         starts, context, keys = (t.to("cpu", torch.int64) for t in (starts, context, keys))
         n_req = starts.numel() - 1
-        rows, prompt_lens = [], []
-        for r in range(n_req):
-            lo, hi, key = int(starts[r]), int(starts[r + 1]), int(keys[r])
-            if int(context[r]) == 0:
-                self._live[key] = (self.route_prompt(input_ids[lo:hi], a[lo:hi]), hi - lo)
-            elif key not in self._live:
-                raise RuntimeError(
-                    "memoir: a request continues a prompt whose first step was not seen here; its route "
-                    "would come from part of its prompt.  Serve with prefix caching and chunked prefill "
-                    "off (vLLM: enable_prefix_caching=False, enable_chunked_prefill=False).")
-            row, plen = self._live[key]
-            rows.append(row)
-            prompt_lens.append(plen)
-        if n_req and bool((context == 0).any()) and bool((context > 0).any()):
+        first = [r for r in range(n_req) if int(context[r]) == 0]
+        unknown = [r for r in range(n_req) if int(context[r]) > 0 and int(keys[r]) not in self._live]
+        if unknown:
+            raise RuntimeError(
+                "memoir: a request continues a prompt whose first step was not seen here; its route "
+                "would come from part of its prompt.  Serve with prefix caching and chunked prefill "
+                "off (vLLM: enable_prefix_caching=False, enable_chunked_prefill=False).")
+        if first:
+            spans = [(int(starts[r]), int(starts[r + 1])) for r in first]
+            routed = self.route_prompts([input_ids[lo:hi] for lo, hi in spans], [a[lo:hi] for lo, hi in spans])
+            for r, (lo, hi), row in zip(first, spans, routed):
+                self._live[int(keys[r])] = (row, hi - lo)
+        rows = [self._live[int(keys[r])][0] for r in range(n_req)]
+        prompt_lens = [self._live[int(keys[r])][1] for r in range(n_req)]
+        if first and len(first) < n_req:
             self.mixed_steps += 1
         t_real = int(starts[-1])
         counts = starts[1:] - starts[:-1]
