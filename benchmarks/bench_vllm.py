@@ -6,14 +6,14 @@ Python of scripts/setup_vllm.sh)::
 SmolLM2-135M-Instruct in float32 with the shipped preset's memory: the 8 prompts of the generation
 benchmark edited (``edit_many``), so every request of the batch is routed and reads a block, the
 plugin's worst case.  Both engines run with the plugin's settings (no prefix caching, no chunked prefill), in
-vLLM's default compiled mode, one process each after the other.  Reported per engine: generated
-tokens/s over ``--rounds`` timed rounds of the 8 prompts x ``--copies`` (every request decodes
-``--new-tokens`` tokens, ``ignore_eos``), its best and median round, and the ratio memoir / plain.
+vLLM's default compiled mode, side by side in one process, their timed rounds alternating.
+Reported per engine: generated tokens/s over ``--rounds`` rounds of the 8 prompts x ``--copies``
+(every request decodes ``--new-tokens`` tokens, ``ignore_eos``), its best and median round, and the
+ratio memoir / plain of the best rounds.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import pathlib
@@ -43,22 +43,23 @@ def make_edits(folder: pathlib.Path) -> int:
     return len(editor.layer.bank)
 
 
-def time_engine(kwargs: dict, prompts: list[str], new_tokens: int, rounds: int) -> dict:
-    from vllm import LLM, SamplingParams
+def start_engine(kwargs: dict, prompts: list[str], params):
+    from vllm import LLM
 
     llm = LLM(**kwargs)
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up (compiles the shapes it meets)
-    seconds = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        seconds.append(time.perf_counter() - t0)
-        assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    tokens = len(prompts) * new_tokens
+    return llm
+
+
+def timed_round(llm, prompts: list[str], params, new_tokens: int) -> float:
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+    return seconds
+
+
+def summary(seconds: list[float], tokens: int) -> dict:
     return {"tokens_per_s_best": tokens / min(seconds), "tokens_per_s_median": tokens / statistics.median(seconds),
             "seconds": seconds}
 
@@ -74,6 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.cores
     import vllm
+    from vllm import SamplingParams
 
     from memoir.integrations import vllm_model
     from memoir.integrations.vllm import engine_args
@@ -86,8 +88,16 @@ def main() -> None:
         stored = make_edits(edits)
         memoir_kwargs = engine_args(edits, max_num_seqs=len(prompts), distributed_executor_backend="uni", seed=0)
         plain_kwargs = {k: v for k, v in memoir_kwargs.items() if k != "hf_overrides"}
-        results = {"plain": time_engine(plain_kwargs, prompts, args.new_tokens, args.rounds)}
-        results["memoir"] = time_engine(memoir_kwargs, prompts, args.new_tokens, args.rounds)
+        params = SamplingParams(temperature=0, max_tokens=args.new_tokens, min_tokens=args.new_tokens,
+                                ignore_eos=True)
+        engines = {"plain": start_engine(plain_kwargs, prompts, params),
+                   "memoir": start_engine(memoir_kwargs, prompts, params)}
+        # Rounds alternate between the two engines, so a change in the machine's load hits both alike.
+        seconds = {name: [] for name in engines}
+        for _ in range(args.rounds):
+            for name, llm in engines.items():
+                seconds[name].append(timed_round(llm, prompts, params, args.new_tokens))
+        results = {name: summary(s, len(prompts) * args.new_tokens) for name, s in seconds.items()}
         router = next(iter(vllm_model._ROUTERS.values())).router
         rows = [row for row, _ in router._live.values()]
         routed_share = sum(r >= 0 for r in rows) / max(len(rows), 1)
