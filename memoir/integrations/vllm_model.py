@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import time
 
 import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
@@ -60,7 +61,7 @@ class _ServedMemory:
         self._keep_first_layers()
         self.router = StepRouter(self.editor)
         self.input_ids: torch.Tensor | None = None
-        self.layer_index = self.editor.target.layer_index
+        self.op_seconds = 0.0  # host time spent in the op (routing + the memory read): the plugin's cost
 
     def _keep_first_layers(self) -> None:
         """Drop the HF layers the router never runs (it reads states at ``subject_layer`` only)."""
@@ -71,6 +72,13 @@ class _ServedMemory:
             layers[i] = torch.nn.Identity()  # frees the weights: the router's pass stops before them
 
     def residual(self, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return self._residual(y, a)
+        finally:
+            self.op_seconds += time.perf_counter() - start
+
+    def _residual(self, y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         if not is_forward_context_available() or self.input_ids is None:
             return y.clone()
         metadata = get_forward_context().attn_metadata
