@@ -247,6 +247,7 @@ def cmd_serve(args) -> int:
     from memoir.integrations import vllm as plugin
 
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    plugin.saved_target(args.edits)  # a wrong folder is named before a missing vLLM
     command = plugin.server_command(plugin.vllm_python(args.python), args.edits, args.model, args.host, args.port,
                                     args.max_model_len, int(args.kv_cache_gib * (1 << 30)), extra)
     if args.dry_run:
