@@ -241,18 +241,20 @@ class MemoirEditor(PromptRouting):
         prompt texts (``memoir.integrations.step_router``)."""
         if self.layer.subject is None or len(self.layer.bank) == 0:
             return None
-        return self._subject_scores(texts) >= self.config.subject_threshold
+        threshold = self.config.subject_threshold
+        return self._subject_scores(texts, floor=threshold) >= threshold
 
-    def _subject_scores(self, texts: list[str]) -> torch.Tensor:
+    def _subject_scores(self, texts: list[str], floor: float | None = None) -> torch.Tensor:
         """``[B, N]``: how well each text names each bank row's subject.  Under ``subject_casefold`` a
         text is also read lower-cased (in the same partial pass) and scores its better reading, so a
         subject written in capitals reaches the lower-cased keys every edit keeps; the lower-cased
         reading counts ``subject_casefold_margin`` less, since lower-cased tokens of different names
-        look more alike (experiments/casefold_probe.py)."""
+        look more alike (experiments/casefold_probe.py).  With ``floor``, only scores reaching it are
+        exact (``SubjectKeys.scores``)."""
         subject, ids = self.layer.subject, self.layer.bank.ids
         folded = [i for i, t in enumerate(texts) if self.config.subject_casefold and t.lower() != t]
         states, own = self._subject_states(texts=texts + [texts[i].lower() for i in folded])
-        scores = subject.scores(states, own, ids)
+        scores = subject.scores(states, own, ids, floor=floor)  # the folded reading needs more than floor too
         if folded:
             mine = torch.tensor(folded, device=scores.device)
             best = scores[: len(texts)].clone()

@@ -121,20 +121,32 @@ class SubjectKeys(GrowingBuffers):
     def restore(self, snapshot) -> None:
         self.keys, self.edit_ids, self.groups = snapshot
 
-    def scores(self, states: torch.Tensor, own: torch.Tensor, bank_ids: torch.Tensor) -> torch.Tensor:
-        """``[B, N]``: per query and bank row, the best group score of the row's edit (-1: no keys)."""
+    def scores(self, states: torch.Tensor, own: torch.Tensor, bank_ids: torch.Tensor,
+               floor: float | None = None) -> torch.Tensor:
+        """``[B, N]``: per query and bank row, the best group score of the row's edit (-1: no keys).
+
+        With ``floor``, only scores that reach it are exact (the others may read -1): a group's score
+        is the mean of its ``m`` keys' best cosines, each at most 1, so it can reach ``floor`` only if
+        every key, its first one too, reaches ``1 - m (1 - floor)``; groups whose first key does not
+        are skipped, which spares most of the work with many stored edits."""
         b, n = states.shape[0], bank_ids.shape[0]
         dev = states.device
         out = torch.full((b, n), -1.0, device=dev)
         if len(self) == 0 or n == 0:
             return out
         q = F.normalize(states - self.mean.to(dev), dim=-1)  # [B, S, d]
-        sim = torch.einsum("bsd,kd->bsk", q, self.keys.to(dev))
+        keys, groups, edit_ids = self.keys.to(dev), self.groups.to(dev), self.edit_ids.to(dev)
+        if floor is not None:
+            keep = self._possible(q, own, keys, groups, floor)
+            keys, groups, edit_ids = keys[keep], groups[keep], edit_ids[keep]
+            if keys.shape[0] == 0:
+                return out
+        sim = torch.einsum("bsd,kd->bsk", q, keys)
         sim = sim.masked_fill(~own[..., None], -1.0).amax(dim=1)  # [B, K]: best query token per key
-        uniq, inv = torch.unique(self.groups.to(dev), return_inverse=True)
+        uniq, inv = torch.unique(groups, return_inverse=True)
         per_group = torch.zeros((b, uniq.shape[0]), device=dev).index_add_(1, inv, sim)
         per_group = per_group / torch.bincount(inv, minlength=uniq.shape[0]).to(per_group)
-        group_edit = torch.zeros(uniq.shape[0], dtype=torch.int64, device=dev).scatter_(0, inv, self.edit_ids.to(dev))
+        group_edit = torch.zeros(uniq.shape[0], dtype=torch.int64, device=dev).scatter_(0, inv, edit_ids)
         # Group -> bank row by a sorted lookup (edit ids are unique in the bank; O(G log N), no [G, N]
         # table); groups of edits no longer stored drop out.
         ids = bank_ids.to(dev)
@@ -143,6 +155,19 @@ class SubjectKeys(GrowingBuffers):
         found = ids[order][pos] == group_edit
         rows = order[pos][found]
         return out.scatter_reduce(1, rows[None].expand(b, -1), per_group[:, found], "amax")
+
+    @staticmethod
+    def _possible(q, own, keys, groups, floor: float) -> torch.Tensor:
+        """``[K]`` bool: the keys of groups whose first key reaches the bound a score of ``floor`` needs
+        (for any query of the batch).  Keys of one group are stored next to each other."""
+        first = torch.ones_like(groups, dtype=torch.bool)
+        first[1:] = groups[1:] != groups[:-1]
+        starts = first.nonzero().squeeze(1)
+        sizes = torch.diff(torch.cat([starts, starts.new_tensor([groups.shape[0]])]))
+        lead = torch.einsum("bsd,gd->bsg", q, keys[starts]).masked_fill(~own[..., None], -1.0).amax(dim=1)
+        need = 1.0 - sizes.to(lead.dtype) * (1.0 - floor) - 1e-5  # float slack: never skip a group that passes
+        possible = (lead >= need).any(dim=0)  # [G]
+        return possible.repeat_interleave(sizes)
 
 
 def subject_positions(tokenizer, prompt: str, subject: str | None) -> tuple[list[int], list[int]]:

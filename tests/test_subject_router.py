@@ -171,3 +171,27 @@ def test_subject_scores_match_a_per_edit_loop():
                 sim = (q[b][own[b]] @ k.T).amax(0) if own[b].any() else torch.full((k.shape[0],), -1.0)
                 best = max(best, float(sim.mean()))
             assert abs(float(got[b, row]) - best) < 1e-5, (b, row, got[b, row], best)
+
+
+@pytest.mark.parametrize("floor", [0.5, 0.8, 0.95])
+def test_a_score_floor_keeps_every_score_that_reaches_it_exact(floor):
+    """Queries made of perturbed copies of some keys score close to the floor from both sides."""
+    from memoir.subject_router import SubjectKeys
+
+    g = torch.Generator().manual_seed(1)
+    keys = SubjectKeys(16)
+    for edit_id in range(40):
+        keys.add(edit_id, [torch.randn(1 + edit_id % 3, 16, generator=g) for _ in range(1 + edit_id % 2)])
+    bank_ids = torch.arange(40)
+    picked = keys.keys[torch.randperm(len(keys), generator=g)[:24]].reshape(4, 6, 16)
+    noise = torch.randn(4, 6, 16, generator=g) * torch.linspace(0.05, 0.6, 4)[:, None, None]
+    states, own = picked + noise, torch.ones(4, 6, dtype=torch.bool)
+    exact = keys.scores(states, own, bank_ids)
+    floored = keys.scores(states, own, bank_ids, floor=floor)
+    passing = exact >= floor
+    assert passing.any() and (~passing).any(), "scores on both sides of the floor make the test mean something"
+    assert torch.equal(floored >= floor, passing)
+    torch.testing.assert_close(floored[passing], exact[passing])
+    # Below the floor a row may read a lower score: its best group may have been skipped.
+    assert (floored <= exact + 1e-6).all()
+    assert (floored < exact - 1e-6).any(), "the bound must spare some groups"
