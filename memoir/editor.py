@@ -504,7 +504,7 @@ class MemoirEditor(PromptRouting):
         leaves the editor as before the batch.
         """
         start = time.perf_counter()
-        with editing.EditTransaction(self) as txn:
+        with editing.EditTransaction(self):
             members: list[tuple[EditRequest, editing.EditInputs, int]] = []
             results: dict[int, EditResult] = {}
             for request in requests:

@@ -186,22 +186,35 @@ class MemoirLayer(Float32Buffers):
         sequence reads its edit's own block instead (``memoir.private``), except while an edit trains."""
         if len(self.bank) == 0:
             return self.base(a)
-        if self.private is not None and not scratch:
-            p = self.private
-            index = p.index_for(self.bank.ids, route.rows)
-            if self.stop_after_target and decoded is not None:
-                index = p.still_needed(index, decoded)
-            y = self.base(a)
-            out = torch.ops.memoir.private_residual(y, a, p.u, p.v, p.cols, index)
-            if decoded is not None and self.block_gain != 1.0:
-                # Blocks are stored with the gain, which serves the prompt pass (the target's first
-                # token); the target's later tokens, fed back one per decode step, read the block as
-                # trained, so a long target does not overshoot into repeating its first tokens.
-                out = y + (out - y) / self.block_gain
-            return out
-        read = augment(a) if scratch and augment is not None else a
-        return torch.ops.memoir.routed_residual(self.base(a), read, self.memory, self.bank.words, route.rows,
-                                                self.top_k)
+        y = self.base(a)
+        if scratch:
+            read = augment(a) if augment is not None else a
+            return torch.ops.memoir.routed_residual(y, read, self.memory, self.bank.words, route.rows, self.top_k)
+        return self.read(y, a, route.rows, decoded)
+
+    def read(self, y: torch.Tensor, a: torch.Tensor, rows: torch.Tensor,
+             decoded: int | torch.Tensor | None = None) -> torch.Tensor:
+        """``y`` (the frozen projection's output) plus the stored memory read of each sequence's bank
+        row ``rows`` ``[B]`` (-1: none).  ``decoded``: ``None`` for a prompt pass, the number of decode
+        steps made (every sequence), or per sequence ``[B]``, negative for a prompt (an inference stack
+        whose batch mixes prompts and decode steps, ``memoir.integrations.step_router``)."""
+        if self.private is None:
+            return torch.ops.memoir.routed_residual(y, a, self.memory, self.bank.words, rows, self.top_k)
+        p = self.private
+        index = p.index_for(self.bank.ids, rows)
+        if self.stop_after_target and decoded is not None:
+            index = p.still_needed(index, decoded)
+        out = torch.ops.memoir.private_residual(y, a, p.u, p.v, p.cols, index)
+        if decoded is not None and self.block_gain != 1.0:
+            # Blocks are stored with the gain, which serves the prompt pass (the target's first
+            # token); the target's later tokens, fed back one per decode step, read the block as
+            # trained, so a long target does not overshoot into repeating its first tokens.
+            gained = y + (out - y) / self.block_gain
+            if isinstance(decoded, torch.Tensor):
+                step = (decoded.to(out.device) >= 0).reshape(-1, *([1] * (out.dim() - 1)))
+                return torch.where(step, gained, out)
+            return gained
+        return out
 
     # ------------------------------------------------------------------ inspection
     def column_usage(self) -> torch.Tensor:

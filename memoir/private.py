@@ -95,13 +95,16 @@ class PrivateBlocks(GrowingBuffers):
         found = (rows >= 0) & match.any(dim=1)
         return torch.where(found, match.int().argmax(dim=1), torch.full_like(rows, -1))
 
-    def still_needed(self, index: torch.Tensor, decoded: int) -> torch.Tensor:
+    def still_needed(self, index: torch.Tensor, decoded) -> torch.Tensor:
         """``index`` with ``-1`` for the sequences whose block is no longer needed after ``decoded``
-        decode steps: the prompt pass predicts the target's first token and decode step ``j`` its
-        ``j + 1``-th, so a block of an ``n``-token target is read for the prompt and ``n - 1`` steps."""
+        decode steps (an int, or per sequence ``[B]``; a negative count, a prompt, keeps every block): the prompt
+        pass predicts the target's first token and decode step ``j`` its ``j + 1``-th, so a block of
+        an ``n``-token target is read for the prompt and ``n - 1`` steps."""
         if len(self) == 0:
             return index
         lens = self.lens.to(index.device)[index.clamp_min(0)]
+        if isinstance(decoded, torch.Tensor):
+            decoded = decoded.to(index.device)
         return torch.where(lens - 1 > decoded, index, torch.full_like(index, -1))
 
 

@@ -86,22 +86,5 @@ class StepRouter:
             # decode step j of a request (j = 0 for the first generated token fed back) reads as
             # generate's j-th decode step; prompt tokens (pos < prompt length) read as its prompt pass.
             decoded[:t_real] = pos - torch.tensor(prompt_lens, dtype=torch.int64)[req]
-        return self.read(y, a, tok_rows.to(a.device), decoded.to(a.device))
-
-    def read(self, y: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
-        """``y`` plus the memory read of each token ``[T]``: bank row ``rows`` (-1: none); ``decoded``
-        the token's decode step (-1: a prompt token), the per-token form of ``MemoirLayer.routed``."""
-        layer = self.layer
-        if layer.private is None:
-            return torch.ops.memoir.routed_residual(y[:, None], a[:, None], layer.memory, layer.bank.words, rows,
-                                                    layer.top_k)[:, 0]
-        p = layer.private
-        index = p.index_for(layer.bank.ids, rows)
-        in_decode = decoded >= 0
-        if layer.stop_after_target and len(p):
-            lens = p.lens.to(index.device)[index.clamp_min(0)]
-            index = torch.where(in_decode & (lens - 1 <= decoded), torch.full_like(index, -1), index)
-        out = torch.ops.memoir.private_residual(y[:, None], a[:, None], p.u, p.v, p.cols, index)[:, 0]
-        if layer.block_gain != 1.0:
-            out = torch.where(in_decode[:, None], y + (out - y) / layer.block_gain, out)
-        return out
+        # One token per "sequence" of the layer's read: its own route and decode step.
+        return self.layer.read(y[:, None], a[:, None], tok_rows.to(a.device), decoded.to(a.device))[:, 0]

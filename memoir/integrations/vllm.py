@@ -18,10 +18,13 @@ inside its functions: the main memoir environment can build commands without it.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import pathlib
+import sys
 
-from memoir.persist import CONFIG_FILE
+from memoir.persist import CONFIG_FILE, read_meta
 
 # vLLM architecture served -> memoir's wrapper of it (in memoir.integrations.vllm_model)
 ARCHITECTURES = {"LlamaForCausalLM": "MemoirLlamaForCausalLM"}
@@ -64,10 +67,9 @@ def check_engine_settings(vllm_config) -> None:
 
 def saved_target(edits) -> dict:
     """The ``target`` record of a saved edits folder (what model, layer and dtype they were made on)."""
-    path = pathlib.Path(edits) / CONFIG_FILE
-    if not path.exists():
+    if not (pathlib.Path(edits) / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{edits} is not a saved memoir memory (no {CONFIG_FILE})")
-    return json.loads(path.read_text())["target"]
+    return read_meta(pathlib.Path(edits))["target"]  # format and checksum checked
 
 
 def model_folder(model: str = "smollm2") -> pathlib.Path:
@@ -136,10 +138,6 @@ def server_command(python: str, edits, model: str = "smollm2", host: str = "127.
 def vllm_python(explicit: str | None = None) -> str:
     """The Python that runs vLLM: ``explicit``, else ``$MEMOIR_VLLM_PYTHON``, else this one when it has
     vLLM, else the venv scripts/setup_vllm.sh builds beside this checkout."""
-    import importlib.util
-    import os
-    import sys
-
     if explicit:
         return explicit
     if os.environ.get("MEMOIR_VLLM_PYTHON"):
