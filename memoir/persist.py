@@ -80,25 +80,29 @@ def save_editor(editor, path) -> None:
     recover_folder(path)
     check_save_target(path)
     layer = editor.layer
+    state = {
+        "memory": layer.memory.detach().contiguous().cpu(),
+        "bank_words": layer.bank.words.contiguous().cpu(),
+        "bank_edit_ids": torch.tensor(layer.bank.edit_ids, dtype=torch.int64),
+        "permutation": layer.permutation.cpu(),
+        "background_mean": layer.background_mean.cpu(),
+        "background_std": layer.background_std.cpu(),
+        **editor.keys.state(),
+    }
+    if layer.subject is not None:
+        state.update(subject_keys=layer.subject.keys.contiguous().cpu(),
+                     subject_key_ids=layer.subject.edit_ids.contiguous().cpu(),
+                     subject_key_groups=layer.subject.groups.contiguous().cpu(),
+                     subject_mean=layer.subject.mean.contiguous().cpu())
+    if layer.private is not None:
+        state.update(layer.private.state())
+    if editor.config.threshold_mode == "auto":
+        state["background_masks"] = editor.background_masks().contiguous().cpu()
+    edits = [record_to_json(r) for r in editor.edits()]
+    # The checks load makes, made before anything is written: a state load would refuse is never saved.
+    check_state(state, _Fields({"edits": edits, "next_edit_id": editor._next_id}, str(path / CONFIG_FILE)),
+                editor.config, path / STATE_FILE)
     with atomic_folder(path) as tmp:
-        state = {
-            "memory": layer.memory.detach().contiguous().cpu(),
-            "bank_words": layer.bank.words.contiguous().cpu(),
-            "bank_edit_ids": torch.tensor(layer.bank.edit_ids, dtype=torch.int64),
-            "permutation": layer.permutation.cpu(),
-            "background_mean": layer.background_mean.cpu(),
-            "background_std": layer.background_std.cpu(),
-            **editor.keys.state(),
-        }
-        if layer.subject is not None:
-            state.update(subject_keys=layer.subject.keys.contiguous().cpu(),
-                         subject_key_ids=layer.subject.edit_ids.contiguous().cpu(),
-                         subject_key_groups=layer.subject.groups.contiguous().cpu(),
-                         subject_mean=layer.subject.mean.contiguous().cpu())
-        if layer.private is not None:
-            state.update(layer.private.state())
-        if editor.config.threshold_mode == "auto":
-            state["background_masks"] = editor.background_masks().contiguous().cpu()
         save_file(state, str(tmp / STATE_FILE))
         meta = {
             "format": FORMAT,
@@ -111,7 +115,7 @@ def save_editor(editor, path) -> None:
                 "dtype": str(layer.base.weight.dtype).removeprefix("torch."),
                 "weight_sha256": weight_fingerprint(layer.base.weight),
             },
-            "edits": [record_to_json(r) for r in editor.edits()],
+            "edits": edits,
             "removed_edit_ids": list(editor.removed),
             "next_edit_id": editor._next_id,
             "context_templates": editor._templates,

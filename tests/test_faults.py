@@ -204,6 +204,20 @@ def test_saving_into_a_folder_of_other_files_refuses_and_keeps_them(tmp_path):
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == sorted(persist.OWN_FILES)
 
 
+def test_saving_a_state_load_would_refuse_writes_nothing(tmp_path):
+    editor = make_editor(n_iter=2)
+    editor.edit(PROMPT, TARGET)
+    editor.save(tmp_path / "good")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "good").iterdir()}
+    editor._records.clear()  # records out of step with the bank (a bug elsewhere): load would refuse it
+    with pytest.raises(ValueError, match="are not the bank's"):
+        editor.save(tmp_path / "good")
+    with pytest.raises(ValueError, match="are not the bank's"):
+        editor.save(tmp_path / "new")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "good").iterdir()} == before
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_save_killed_between_its_renames_is_recovered_by_the_next_load(saved, tmp_path, monkeypatch):
     path, weights, expected = saved
     target = copy_save(path, tmp_path / "save")
