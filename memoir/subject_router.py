@@ -22,6 +22,7 @@ subject: in a teacher-forced ``prompt + target`` pass the target tokens are not 
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,7 @@ class SubjectKeys(GrowingBuffers):
         self.register_buffer("edit_ids", torch.zeros((0,), dtype=torch.int64))
         self.register_buffer("groups", torch.zeros((0,), dtype=torch.int64))
         self.register_buffer("mean", torch.zeros(dim))
+        self._lead_cache = None  # (weak refs to the keys and groups it was built from, lead keys, sizes)
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -137,7 +139,7 @@ class SubjectKeys(GrowingBuffers):
         q = F.normalize(states - self.mean.to(dev), dim=-1)  # [B, S, d]
         keys, groups, edit_ids = self.keys.to(dev), self.groups.to(dev), self.edit_ids.to(dev)
         if floor is not None:
-            keep = self._possible(q, own, keys, groups, floor)
+            keep = self._possible(q[own], floor).to(dev)
             keys, groups, edit_ids = keys[keep], groups[keep], edit_ids[keep]
             if keys.shape[0] == 0:
                 return out
@@ -156,17 +158,27 @@ class SubjectKeys(GrowingBuffers):
         rows = order[pos][found]
         return out.scatter_reduce(1, rows[None].expand(b, -1), per_group[:, found], "amax")
 
-    @staticmethod
-    def _possible(q, own, keys, groups, floor: float) -> torch.Tensor:
+    def _lead(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lead [G, d], sizes [G])``: the first key and the key count of every group (keys of a group
+        are stored next to each other), rebuilt only when the keys or groups tensors are replaced."""
+        cache = self._lead_cache
+        if cache is None or cache[0]() is not self.keys or cache[1]() is not self.groups:
+            groups = self.groups
+            first = torch.ones_like(groups, dtype=torch.bool)
+            first[1:] = groups[1:] != groups[:-1]
+            starts = first.nonzero().squeeze(1)
+            sizes = torch.diff(torch.cat([starts, starts.new_tensor([groups.shape[0]])]))
+            cache = (weakref.ref(self.keys), weakref.ref(self.groups), self.keys[starts].contiguous(), sizes)
+            self._lead_cache = cache
+        return cache[2], cache[3]
+
+    def _possible(self, tokens: torch.Tensor, floor: float) -> torch.Tensor:
         """``[K]`` bool: the keys of groups whose first key reaches the bound a score of ``floor`` needs
-        (for any query of the batch).  Keys of one group are stored next to each other."""
-        first = torch.ones_like(groups, dtype=torch.bool)
-        first[1:] = groups[1:] != groups[:-1]
-        starts = first.nonzero().squeeze(1)
-        sizes = torch.diff(torch.cat([starts, starts.new_tensor([groups.shape[0]])]))
-        lead = torch.einsum("bsd,gd->bsg", q, keys[starts]).masked_fill(~own[..., None], -1.0).amax(dim=1)
-        need = 1.0 - sizes.to(lead.dtype) * (1.0 - floor) - 1e-5  # float slack: never skip a group that passes
-        possible = (lead >= need).any(dim=0)  # [G]
+        for some query token (``tokens [T, d]``, normalised: every query's own tokens together)."""
+        lead, sizes = self._lead()
+        tokens = tokens.to(lead.device)
+        need = 1.0 - sizes.to(tokens.dtype) * (1.0 - floor) - 1e-5  # float slack: never skip a group that passes
+        possible = (tokens @ lead.T >= need).any(dim=0)  # [G]
         return possible.repeat_interleave(sizes)
 
 

@@ -195,3 +195,31 @@ def test_a_score_floor_keeps_every_score_that_reaches_it_exact(floor):
     # Below the floor a row may read a lower score: its best group may have been skipped.
     assert (floored <= exact + 1e-6).all()
     assert (floored < exact - 1e-6).any(), "the bound must spare some groups"
+
+
+def test_the_score_floor_follows_keys_added_removed_and_restored():
+    """The first keys the floor reads are cached: every change of the stored keys must reach them."""
+    from memoir.subject_router import SubjectKeys
+
+    g = torch.Generator().manual_seed(2)
+    keys = SubjectKeys(16)
+    for edit_id in range(10):
+        keys.add(edit_id, [torch.randn(2, 16, generator=g)])
+    bank_ids = torch.arange(12)
+    own = torch.ones(1, 2, dtype=torch.bool)
+
+    def passes(edit_id, states):
+        return bool(keys.scores(states, own, bank_ids, floor=0.95)[0, edit_id] >= 0.95)
+
+    before = keys.snapshot()
+    keys.scores(torch.randn(1, 2, 16, generator=g), own, bank_ids, floor=0.95)  # builds the cache
+    new = torch.randn(2, 16, generator=g)
+    keys.add(11, [new])
+    assert passes(11, new[None])  # a key added after the cache was built
+    keys.pop(11)
+    assert not passes(11, new[None])
+    old = keys.keys[keys.edit_ids == 3].clone()
+    keys.pop(3)
+    assert not passes(3, old[None])
+    keys.restore(before)
+    assert passes(3, old[None])
