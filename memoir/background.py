@@ -26,6 +26,16 @@ def default_background_texts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+RELATION_PLACEHOLDERS = ("it", "this one", "them", "that person", "the thing")
+
+
+def relation_texts() -> list[str]:
+    """Relation wordings with neutral placeholder subjects ("The capital of it is")."""
+    text = importlib.resources.files("memoir").joinpath("data/relation_templates.txt").read_text()
+    templates = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return [t.format(RELATION_PLACEHOLDERS[i % len(RELATION_PLACEHOLDERS)]) for i, t in enumerate(templates)]
+
+
 def background_statistics(model, tokenizer, target, texts: list[str]):
     """``(mean [D], std [D])`` of the texts' mean edited-layer inputs, from the cache when present."""
     key = hashlib.sha256(

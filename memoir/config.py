@@ -217,6 +217,13 @@ class MemoirConfig(DictFields):
     subject_casefold_margin: float = option(0.01, kind=float, low=0.0, high=1.0,
                                             help="router subject: the lower-cased reading scores this much less (it "
                                                  "matches more loosely: with 0, 2.1 % of CounterFact neighbours fire)")
+    subject_fallback_tokens: int = option(3, kind=int, low=1,
+                                          help="router subject, an edit given without a subject: its key is this many "
+                                               "prompt tokens, those least like any background token")
+    subject_fallback_relations: bool = option(True, kind=bool,
+                                              help="router subject, an edit given without a subject: relation wordings "
+                                                   "(memoir/data/relation_templates.txt) count as background too, so "
+                                                   "relation words are not taken for the subject")
     on_conflict: str = option("supersede", kind=str, choices=CONFLICT_POLICIES,
                               help="a new edit asking a stored edit's question (same subject and relation): "
                                    "`supersede` removes the stored one, `keep` keeps both (memoir.conflicts)")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memoir import conflicts, editing, persist, subject_router
-from memoir.background import background_statistics, default_background_texts
+from memoir.background import background_statistics, default_background_texts, relation_texts
 from memoir.batching import build_batch
 from memoir.config import CONFLICT_POLICIES, UNCONVERGED_POLICIES, MemoirConfig, preset_for
 from memoir.layer import MemoirLayer
@@ -202,6 +202,7 @@ class MemoirEditor(PromptRouting):
         self.layer.subject.mean = torch.cat(states).mean(0).to(self.device)
         # Background token states, to tell which tokens of a prompt without a subject are specific.
         self._background_states = F.normalize(torch.cat(states).to(self.device) - self.layer.subject.mean, dim=-1)
+        self._relation_states = None  # the relation wordings' states, computed on first use
 
     def _subject_states(self, input_ids=None, attention_mask=None, texts: list[str] | None = None):
         """``(states [B, S', d], own [B, S'])`` of ``PREFIX + text`` at the subject layer, for ``texts``
@@ -284,15 +285,34 @@ class MemoirEditor(PromptRouting):
                 groups.append(self._specific_tokens(prompt, states))
         return groups
 
-    def _specific_tokens(self, prompt: str, states: torch.Tensor, n: int = 3) -> torch.Tensor:
-        """States ``[m, d]`` of the ``n`` prompt tokens least like any background token (names, not
-        "city" or "located"): the key group of an edit given without a subject, in prompt order."""
+    def _specific_tokens(self, prompt: str, states: torch.Tensor) -> torch.Tensor:
+        """States ``[m, d]`` of the ``subject_fallback_tokens`` prompt tokens least like any background
+        token (names, not "city" or "located"): the key group of an edit given without a subject, in
+        prompt order.  Relation wordings count as background too (``subject_fallback_relations``):
+        without them a rare relation word ("twin", "product") is taken for a name, and every prompt
+        of that relation would then fire the edit."""
         _, _, own = subject_router.prefixed_batch(self.tokenizer, [prompt], self.device)
         mine = states[own[0]]
+        return mine[self._specific_positions(mine)]
+
+    def _specific_positions(self, mine: torch.Tensor) -> torch.Tensor:
+        """Sorted positions, among a prompt's own token states ``mine [m, d]``, of its most specific tokens."""
         q = F.normalize(mine - self.layer.subject.mean.to(mine.device), dim=-1)
-        likeness = (q @ self._background_states.T).amax(dim=1)
-        picked = likeness.topk(min(n, len(mine)), largest=False).indices.sort().values
-        return mine[picked]
+        likeness = (q @ self._specificity_background().T).amax(dim=1)
+        n = self.config.subject_fallback_tokens
+        return likeness.topk(min(n, len(mine)), largest=False).indices.sort().values
+
+    def _specificity_background(self) -> torch.Tensor:
+        if not self.config.subject_fallback_relations:
+            return self._background_states
+        if self._relation_states is None:
+            states = []
+            texts = relation_texts()
+            for i in range(0, len(texts), 16):
+                s, o = self._subject_states(texts=texts[i:i + 16])
+                states.append(s[o])
+            self._relation_states = F.normalize(torch.cat(states).to(self.device) - self.layer.subject.mean, dim=-1)
+        return torch.cat([self._background_states, self._relation_states])
 
     # ------------------------------------------------------------------ context templates
     @torch.no_grad()

@@ -261,3 +261,22 @@ def test_cli_eval_trains_edits_in_batches_under_private_memory(tmp_path, eval_mo
     with pytest.raises(SystemExit, match="edit-batch"):
         main(["eval", "--model", str(eval_model_dir), "--data", str(data), "--n", "2", "--method", "ft",
               "--config", str(cfg), "--edit-batch", "2", "--quiet", "--output", str(tmp_path / "ft.json")])
+
+
+def test_cli_eval_no_subject_gives_every_edit_without_its_subject(tmp_path, eval_model_dir, monkeypatch):
+    from memoir.eval.methods import MemoirMethod
+
+    recs = [CF_ROME, dict(CF_ROME, case_id=8, requested_rewrite=dict(CF_ROME["requested_rewrite"], subject="Lita Ford"))]
+    data = write_json(tmp_path, "cf.json", recs + [CF_ROME])
+    seen, real_edit = [], MemoirMethod.edit
+
+    def recording_edit(self, prompt, target, pos, subject=None):
+        seen.append(subject)
+        return real_edit(self, prompt, target, pos, subject=subject)
+
+    monkeypatch.setattr(MemoirMethod, "edit", recording_edit)
+    assert run_cli(tmp_path, eval_model_dir, "memoir", data)["subjects"] is True
+    assert seen[:2] == [CF_ROME["requested_rewrite"]["subject"], "Lita Ford"]
+    seen.clear()
+    assert run_cli(tmp_path, eval_model_dir, "memoir", data, extra=["--no-subject"])["subjects"] is False
+    assert seen == [None, None, None]

@@ -96,6 +96,28 @@ def test_subject_router_finds_the_subject_in_other_forms_and_not_in_neighbours(s
         editor.unload()
 
 
+def test_an_edit_without_a_subject_is_keyed_on_its_name_not_its_relation_words(smollm2):
+    """router: subject, no subject given: the inferred key tokens are the name's, not rare relation
+    words ("twin", "product"), which every prompt of the relation repeats; without the relation
+    wordings as background (``subject_fallback_relations: false``) they are taken for the name."""
+    model, tok = smollm2
+    prompts = {"The twin city of Kyoto is": ({"Kyoto"}, "twin"), "Corolla is a product of": ({"Cor", "olla"}, "product")}
+    for relations in (True, False):
+        cfg = memoir.MemoirConfig(**{**memoir.MemoirConfig.preset("smollm2").to_dict(),
+                                     "subject_fallback_relations": relations})
+        editor = memoir.MemoirEditor(model, tok, cfg)
+        try:
+            for prompt, (name, relation_word) in prompts.items():
+                states, own = editor._subject_states(texts=[prompt])
+                ids, _, own_ids = memoir.subject_router.prefixed_batch(tok, [prompt])
+                picked = editor._specific_positions(states[0][own[0]])
+                words = {tok.decode(int(t)).strip() for t in ids[0][own_ids[0]][picked]}
+                assert name <= words, (relations, prompt, words)
+                assert (relation_word in words) != relations, (relations, prompt, words)
+        finally:
+            editor.unload()
+
+
 PROBES = {
     "the capital of japan is": 0,                                   # lower case
     "Japan's capital city is": 0,                                   # possessive
@@ -105,6 +127,7 @@ PROBES = {
     "Who wrote romeo and juliet? It was written by": 1,
     "The play Romeo and Juliet is by": 1,
     "The Eiffel Tower is located in the city of": 2,
+    "Which city is the Eiffel Tower in? It is in": 2,              # rephrased, the edit had no subject
     "The capital of France is": None,                               # same wording, other subjects
     "The capital of Kenya is": None,
     "Hamlet was written by": None,

@@ -60,6 +60,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--on-conflict", choices=("keep", "supersede"), default=None,
                    help="MEMOIR: an edit repeating a stored edit's question keeps both (default here, as the "
                         "published protocol scores them) or supersedes the stored one (the editor's default)")
+    p.add_argument("--no-subject", action="store_true",
+                   help="give every edit without its record's subject (the subject router infers one)")
     p.add_argument("--ft-lr", type=float, default=None, help="FT-L Adam learning rate (default 5e-4)")
     p.add_argument("--grace-eps", type=float, default=None, help="GRACE initial deferral radius (default 1.0)")
     p.add_argument("--grace-lr", type=float, default=None, help="GRACE value learning rate (default 1.0)")
@@ -201,11 +203,13 @@ def _eval(args, torch) -> int:
         "command": " ".join(sys.argv),
         "config_source": args.config or (f"preset:{args.preset}" if args.preset else "default"),
         "edit_batch": args.edit_batch,
+        "subjects": not args.no_subject,
     }
     checkpoint = None
     if args.checkpoint_every or args.resume:
         checkpoint = RunCheckpoint(ckpt_path, {**run_fingerprint(method, records, kind_of(fmt), args.eval_every,
-                                                                 not args.no_em), "edit_batch": args.edit_batch})
+                                                                 not args.no_em), "edit_batch": args.edit_batch,
+                                                "subjects": not args.no_subject})
 
     def on_checkpoint(done, n, edit_seconds):
         eta = f", ETA {(n - done) * edit_seconds / done / 60:.0f} min of edits" if done else ""
@@ -218,7 +222,7 @@ def _eval(args, torch) -> int:
             method, records, kind_of(fmt), eval_every=args.eval_every, em=not args.no_em,
             batch_size=args.batch_size, progress=not args.quiet, meta=meta, edit_batch=args.edit_batch,
             checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, on_checkpoint=on_checkpoint,
-            pre_cache=pre_cache, pre_key=pre_key,
+            pre_cache=pre_cache, pre_key=pre_key, subjects=not args.no_subject,
         )
     finally:
         if flushed:

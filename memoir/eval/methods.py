@@ -59,9 +59,10 @@ class MemoirMethod(_Base):
     def edit(self, prompt, target, position: int, subject: str | None = None) -> dict:
         return self._row(self.editor.edit(prompt, target, subject), position)
 
-    def edit_batch(self, records, positions) -> list[dict]:
+    def edit_batch(self, records, positions, subjects: bool = True) -> list[dict]:
         """Several records trained together (``edit_many(batch_size=len(records))``)."""
-        results = self.editor.edit_many([(r.prompt, r.target, r.extra.get("subject")) for r in records],
+        results = self.editor.edit_many([(r.prompt, r.target, r.extra.get("subject") if subjects else None)
+                                         for r in records],
                                         progress=False, batch_size=len(records))
         return [self._row(r, i) for r, i in zip(results, positions)]
 

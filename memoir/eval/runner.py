@@ -211,7 +211,8 @@ def summarise(rows: list[dict], edits: list[dict] | None = None) -> dict:
 def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: int | None = None,
                    em: bool = True, batch_size: int = metrics.DEFAULT_BATCH_SIZE, progress: bool = True,
                    meta: dict | None = None, checkpoint=None, checkpoint_every: int = 0,
-                   on_checkpoint=None, pre_cache=None, pre_key: str | None = None, edit_batch: int = 1) -> dict:
+                   on_checkpoint=None, pre_cache=None, pre_key: str | None = None, edit_batch: int = 1,
+                   subjects: bool = True) -> dict:
     """Run the whole protocol; returns the results dict (JSON-serialisable).
 
     ``checkpoint`` (a :class:`memoir.eval.checkpoint.RunCheckpoint`): when it exists the run resumes
@@ -221,6 +222,7 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
     pass is read from it when an earlier run stored it, and stored there otherwise.
     ``edit_batch`` > 1 trains that many records together (``method.edit_batch``); curve points and
     checkpoints then fall on the first batch end at or after each multiple.
+    ``subjects=False`` gives every edit without its record's subject (the router infers one).
     """
     from tqdm.auto import tqdm
 
@@ -269,10 +271,11 @@ def run_sequential(method, records: list[EditRecord], kind: str, *, eval_every: 
     while len(edit_rows) < n:
         done = len(edit_rows)
         if edit_batch > 1:
-            infos = method.edit_batch(records[done: done + edit_batch], range(done, min(done + edit_batch, n)))
+            infos = method.edit_batch(records[done: done + edit_batch], range(done, min(done + edit_batch, n)),
+                                      subjects=subjects)
         else:
             rec = records[done]
-            infos = [method.edit(rec.prompt, rec.target, done, subject=rec.extra.get("subject"))]
+            infos = [method.edit(rec.prompt, rec.target, done, subject=rec.extra.get("subject") if subjects else None)]
         edit_rows.extend(infos)
         bar.update(len(infos))
         bar.set_postfix(loss=f"{infos[-1]['loss']:.3f}", steps=infos[-1]["steps"])
