@@ -212,8 +212,8 @@ class MemoirConfig(DictFields):
                                       help="router subject: the mean over an edit's subject tokens of their best cosine "
                                            "with a query token must reach this")
     subject_casefold: bool = option(True, kind=bool,
-                                    help="router subject: a query is also read lower-cased and scores its better "
-                                         "reading (subjects in capitals reach their edit)")
+                                    help="router subject: a query naming no stored subject as written is also read "
+                                         "lower-cased and scores its better reading (subjects in capitals reach their edit)")
     subject_casefold_margin: float = option(0.01, kind=float, low=0.0, high=1.0,
                                             help="router subject: the lower-cased reading scores this much less (it "
                                                  "matches more loosely: with 0, 2.1 % of CounterFact neighbours fire)")

@@ -247,20 +247,32 @@ class MemoirEditor(PromptRouting):
 
     def _subject_scores(self, texts: list[str], floor: float | None = None) -> torch.Tensor:
         """``[B, N]``: how well each text names each bank row's subject.  Under ``subject_casefold`` a
-        text is also read lower-cased (in the same partial pass) and scores its better reading, so a
-        subject written in capitals reaches the lower-cased keys every edit keeps; the lower-cased
-        reading counts ``subject_casefold_margin`` less, since lower-cased tokens of different names
-        look more alike (experiments/casefold_probe.py).  With ``floor``, only scores reaching it are
-        exact (``SubjectKeys.scores``)."""
+        text is also read lower-cased and scores its better reading, so a subject written in capitals
+        reaches the lower-cased keys every edit keeps; the lower-cased reading counts
+        ``subject_casefold_margin`` less, since lower-cased tokens of different names look more alike
+        (experiments/casefold_probe.py).  With ``floor``, only scores reaching it are exact
+        (``SubjectKeys.scores``), and a text is read lower-cased only when no edit reaches the floor
+        as written: whether any edit is eligible is the same, and most routed prompts skip the second
+        partial pass."""
         subject, ids = self.layer.subject, self.layer.bank.ids
         folded = [i for i, t in enumerate(texts) if self.config.subject_casefold and t.lower() != t]
-        states, own = self._subject_states(texts=texts + [texts[i].lower() for i in folded])
-        scores = subject.scores(states, own, ids, floor=floor)  # the folded reading needs more than floor too
+        if floor is None:
+            states, own = self._subject_states(texts=texts + [texts[i].lower() for i in folded])
+            scores = subject.scores(states, own, ids)
+            scores, folded_scores = scores[: len(texts)], scores[len(texts):]
+        else:
+            states, own = self._subject_states(texts=texts)
+            scores = subject.scores(states, own, ids, floor=floor)
+            named = (scores >= floor).any(dim=1).tolist()
+            folded = [i for i in folded if not named[i]]
+            if not folded:
+                return scores
+            states, own = self._subject_states(texts=[texts[i].lower() for i in folded])
+            folded_scores = subject.scores(states, own, ids, floor=floor)  # it needs more than floor too
         if folded:
             mine = torch.tensor(folded, device=scores.device)
-            best = scores[: len(texts)].clone()
-            best[mine] = torch.maximum(best[mine], scores[len(texts):] - self.config.subject_casefold_margin)
-            return best
+            scores = scores.clone()
+            scores[mine] = torch.maximum(scores[mine], folded_scores - self.config.subject_casefold_margin)
         return scores
 
     @torch.no_grad()

@@ -151,6 +151,23 @@ def test_a_query_in_capitals_scores_its_better_reading_under_casefold(casefold):
         assert torch.allclose(both[0], plain, atol=1e-6)
 
 
+def test_eligibility_reads_a_query_lower_cased_only_when_it_names_no_subject_as_written(monkeypatch):
+    ed = editor_with("subject")
+    ed.edit(*EDIT)
+    named, shouted = "The capital of japan is", "THE CAPITAL OF JAPAN IS"
+    read = []
+    real = ed._subject_states
+    monkeypatch.setattr(ed, "_subject_states", lambda texts: read.append(list(texts)) or real(texts=texts))
+    with ed._nested.overriding(active=True):
+        full = ed._subject_scores([named, shouted, NEIGHBOUR])
+    assert read == [[named, shouted, NEIGHBOUR, named.lower(), shouted.lower()]]  # without a floor: every reading
+    read.clear()
+    eligible = ed.eligibility([named, shouted, NEIGHBOUR])
+    assert read == [[named, shouted, NEIGHBOUR], [shouted.lower()]]  # named as written: no second reading
+    assert eligible.tolist() == [[True], [True], [False]]
+    assert torch.equal(eligible, full >= ed.config.subject_threshold)
+
+
 def test_subject_scores_match_a_per_edit_loop():
     from memoir.subject_router import SubjectKeys
 
