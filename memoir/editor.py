@@ -195,6 +195,8 @@ class MemoirEditor(PromptRouting):
             raise ValueError(f"subject_layer {cfg.subject_layer} must not exceed the edited layer "
                              f"({self.target.layer_index}): its states are read before the memory")
         self.layer.subject = SubjectKeys(self.target.out_features).to(self.device)
+        self._prefixed_states = subject_router.PrefixedStates(self.model, self.target.layers, cfg.subject_layer,
+                                                              self.tokenizer)
         states = []
         for i in range(0, len(texts), 16):
             s, o = self._subject_states(texts=texts[i:i + 16])
@@ -209,10 +211,8 @@ class MemoirEditor(PromptRouting):
         or the text of each row of ``input_ids``; ``own`` marks the text's tokens."""
         if texts is None:
             texts = subject_router.row_texts(self.tokenizer, input_ids, attention_mask)
-        ids, attn, own = subject_router.prefixed_batch(self.tokenizer, texts, self.device)
         with self._nested.overriding(active=True):
-            states = subject_router.token_states(self.model, self.target.layers, self.config.subject_layer, ids, attn)
-        return states, own
+            return self._prefixed_states(texts, self.device)
 
     def _on_model_forward(self, module, args, kwargs):
         if self._nested.get("active"):

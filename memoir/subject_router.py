@@ -26,6 +26,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from memoir.state import GrowingBuffers
 
@@ -41,6 +42,79 @@ def token_states(model, layers, layer: int, input_ids: torch.Tensor, attention_m
 
     Runs only the first ``layer`` decoder layers (a forward hook stops the pass there).
     """
+    kwargs = {}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return _run_to(model, layers, layer, input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+
+
+class PrefixedStates:
+    """``(states [B, S, d], own [B, S])`` of ``PREFIX + text`` at the subject layer for a batch of
+    texts, as :func:`prefixed_batch` + :func:`token_states` compute them, but with the prefix's
+    keys and values computed once and reused: the prefix is a third to a half of a short prompt's
+    tokens, and causal attention makes its states independent of the text after it.  The texts'
+    tokens are right padded after the shared prefix.  A model whose forward takes no
+    cache / ``position_ids``, or a text whose tokens do not start with the prefix's
+    own tokens, takes the plain pass."""
+
+    def __init__(self, model, layers, layer: int, tokenizer):
+        self.model, self.layers, self.layer, self.tokenizer = model, layers, layer, tokenizer
+        params = inspect.signature(model.forward).parameters
+        # transformers renamed ``past_key_values`` to ``cache``; either carries the prefix.
+        self.cache_arg = next((a for a in ("cache", "past_key_values") if a in params), None)
+        self.usable = self.cache_arg is not None and "position_ids" in params
+        self._prefix_ids: list[int] | None = None
+        self._kv = None  # per layer below the subject layer: (keys, values) of the prefix, batch 1
+
+    def __call__(self, texts: list[str], device=None):
+        enc = self.tokenizer([PREFIX + t for t in texts], return_offsets_mapping=True)
+        prefix = self._prefix(device) if self.usable else None
+        if prefix is None or any(ids[: len(prefix)] != prefix or (len(offs) > len(prefix) and offs[len(prefix)][1] < len(PREFIX))
+                                 for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])):
+            ids, attn, own = prefixed_batch(self.tokenizer, texts, device)
+            return token_states(self.model, self.layers, self.layer, ids, attn), own
+        p = len(prefix)
+        rows = [ids[p:] for ids in enc["input_ids"]]
+        ends = [[b for _, b in offs[p:]] for offs in enc["offset_mapping"]]
+        width = max(1, max(len(r) for r in rows))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        own = torch.tensor([[e >= len(PREFIX) for e in row] + [False] * (width - len(row)) for row in ends],
+                           dtype=torch.bool, device=device)
+        b = len(texts)
+        attention = torch.cat([torch.ones((b, p), dtype=mask.dtype, device=device), mask], dim=1)
+        positions = torch.arange(p, p + width, device=device).expand(b, -1)
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(self._kv):
+            cache.update(k.expand(b, *k.shape[1:]).contiguous(), v.expand(b, *v.shape[1:]).contiguous(), i)
+        states = _run_to(self.model, self.layers, self.layer, input_ids=ids, attention_mask=attention,
+                         position_ids=positions, use_cache=True, **{self.cache_arg: cache})
+        return states, own
+
+    def _prefix(self, device):
+        if self._kv is None:
+            # The prefix's tokens as they start a prefixed text (the trailing space joins the text's
+            # first word): those ending before the text.
+            enc = self.tokenizer(PREFIX + "x", return_offsets_mapping=True)
+            ids = [i for i, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]) if end < len(PREFIX)]
+            cache = DynamicCache()
+            t = torch.tensor([ids], device=device)
+            _run_to(self.model, self.layers, self.layer, input_ids=t, attention_mask=torch.ones_like(t),
+                    position_ids=torch.arange(len(ids), device=device)[None], use_cache=True, **{self.cache_arg: cache})
+            self._kv = [_layer_kv(cache, i) for i in range(self.layer)]
+            self._prefix_ids = ids
+        return self._prefix_ids
+
+
+def _layer_kv(cache, i: int):
+    if hasattr(cache, "layers"):
+        return cache.layers[i].keys, cache.layers[i].values
+    return cache.key_cache[i], cache.value_cache[i]
+
+
+def _run_to(model, layers, layer: int, **inputs) -> torch.Tensor:
+    """The output of decoder layer ``layer - 1`` for ``model(**inputs)``, the layers above not run."""
     seen = []
 
     def grab(module, args, output):
@@ -48,12 +122,9 @@ def token_states(model, layers, layer: int, input_ids: torch.Tensor, attention_m
         raise _Stop
 
     handle = layers[layer - 1].register_forward_hook(grab)
-    kwargs = {}
-    if "position_ids" in inspect.signature(model.forward).parameters:
-        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     try:
         with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+            model(**inputs)
     except _Stop:
         pass
     finally:

@@ -240,3 +240,21 @@ def test_the_score_floor_follows_keys_added_removed_and_restored():
     assert not passes(3, old[None])
     keys.restore(before)
     assert passes(3, old[None])
+
+
+def test_prefixed_states_reuse_the_prefix_and_match_the_plain_pass():
+    from memoir import subject_router as sr
+
+    ed = editor_with("subject")
+    texts = ["the capital of japan is", "who wrote the book ?", "x", "tell me about spain . the capital of japan is"]
+    ps = sr.PrefixedStates(ed.model, ed.target.layers, 2, ed.tokenizer)
+    assert ps.usable
+    cached, own = ps(texts)
+    ids, attn, plain_own = sr.prefixed_batch(ed.tokenizer, texts)
+    plain = sr.token_states(ed.model, ed.target.layers, 2, ids, attn)
+    assert ps._kv is not None and cached.shape[1] < plain.shape[1]  # the prefix's tokens were not run again
+    assert torch.equal(own.sum(1), plain_own.sum(1))
+    torch.testing.assert_close(cached[own], plain[plain_own], rtol=1e-4, atol=1e-4)
+    ps.usable = False  # a model without a cache argument takes the plain pass
+    again, again_own = ps(texts)
+    assert torch.equal(again, plain) and torch.equal(again_own, plain_own)
