@@ -197,14 +197,19 @@ class MemoirEditor(PromptRouting):
         self.layer.subject = SubjectKeys(self.target.out_features).to(self.device)
         self._prefixed_states = subject_router.PrefixedStates(self.model, self.target.layers, cfg.subject_layer,
                                                               self.tokenizer)
+        states = self._own_token_states(texts)
+        self.layer.subject.mean = states.mean(0)
+        # Background token states, to tell which tokens of a prompt without a subject are specific.
+        self._background_states = F.normalize(states - self.layer.subject.mean, dim=-1)
+        self._specificity_states = None  # the background and the relation wordings, built on first use
+
+    def _own_token_states(self, texts: list[str]) -> torch.Tensor:
+        """``[T, d]``: the subject-layer states of every text's own tokens, the texts in batches of 16."""
         states = []
         for i in range(0, len(texts), 16):
             s, o = self._subject_states(texts=texts[i:i + 16])
             states.append(s[o])
-        self.layer.subject.mean = torch.cat(states).mean(0).to(self.device)
-        # Background token states, to tell which tokens of a prompt without a subject are specific.
-        self._background_states = F.normalize(torch.cat(states).to(self.device) - self.layer.subject.mean, dim=-1)
-        self._relation_states = None  # the relation wordings' states, computed on first use
+        return torch.cat(states).to(self.device)
 
     def _subject_states(self, input_ids=None, attention_mask=None, texts: list[str] | None = None):
         """``(states [B, S', d], own [B, S'])`` of ``PREFIX + text`` at the subject layer, for ``texts``
@@ -317,14 +322,10 @@ class MemoirEditor(PromptRouting):
     def _specificity_background(self) -> torch.Tensor:
         if not self.config.subject_fallback_relations:
             return self._background_states
-        if self._relation_states is None:
-            states = []
-            texts = relation_texts()
-            for i in range(0, len(texts), 16):
-                s, o = self._subject_states(texts=texts[i:i + 16])
-                states.append(s[o])
-            self._relation_states = F.normalize(torch.cat(states).to(self.device) - self.layer.subject.mean, dim=-1)
-        return torch.cat([self._background_states, self._relation_states])
+        if self._specificity_states is None:
+            relations = F.normalize(self._own_token_states(relation_texts()) - self.layer.subject.mean, dim=-1)
+            self._specificity_states = torch.cat([self._background_states, relations])
+        return self._specificity_states
 
     # ------------------------------------------------------------------ context templates
     @torch.no_grad()

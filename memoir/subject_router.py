@@ -67,13 +67,12 @@ class PrefixedStates:
         self._kv = None  # per layer below the subject layer: (keys, values) of the prefix, batch 1
 
     def __call__(self, texts: list[str], device=None):
-        enc = self.tokenizer([PREFIX + t for t in texts], return_offsets_mapping=True)
-        prefix = self._prefix(device) if self.usable else None
-        if prefix is None or any(ids[: len(prefix)] != prefix or (len(offs) > len(prefix) and offs[len(prefix)][1] < len(PREFIX))
-                                 for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])):
+        enc = self.tokenizer([PREFIX + t for t in texts], return_offsets_mapping=True) if self.usable else None
+        if enc is None or not all(self._starts_with_prefix(ids, offs, device)
+                                  for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])):
             ids, attn, own = prefixed_batch(self.tokenizer, texts, device)
             return token_states(self.model, self.layers, self.layer, ids, attn), own
-        p = len(prefix)
+        p = len(self._prefix_ids)
         rows = [ids[p:] for ids in enc["input_ids"]]
         ends = [[b for _, b in offs[p:]] for offs in enc["offset_mapping"]]
         width = max(1, max(len(r) for r in rows))
@@ -92,7 +91,12 @@ class PrefixedStates:
                          position_ids=positions, use_cache=True, **{self.cache_arg: cache})
         return states, own
 
-    def _prefix(self, device):
+    def _starts_with_prefix(self, ids: list[int], offsets, device) -> bool:
+        """Whether a prefixed text's tokens are the prefix's own, then the text's only."""
+        prefix = self._prefix(device)
+        return ids[: len(prefix)] == prefix and (len(ids) == len(prefix) or offsets[len(prefix)][1] >= len(PREFIX))
+
+    def _prefix(self, device) -> list[int]:
         if self._kv is None:
             # The prefix's tokens as they start a prefixed text (the trailing space joins the text's
             # first word): those ending before the text.
