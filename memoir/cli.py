@@ -159,7 +159,8 @@ def cmd_edit(args) -> int:
             for start in range(0, len(requests), args.batch_size):
                 chunk = requests[start: start + args.batch_size]
                 results.extend(editor.edit_many(chunk, progress=False, batch_size=len(chunk)) if len(chunk) > 1
-                               else [editor.edit(chunk[0].prompt, chunk[0].target, chunk[0].subject)])
+                               else [editor.edit(chunk[0].prompt, chunk[0].target, chunk[0].subject,
+                                                aliases=chunk[0].aliases)])
                 bar.update(len(chunk))
             bar.close()
         except KeyboardInterrupt:

@@ -217,6 +217,10 @@ class MemoirConfig(DictFields):
     subject_casefold_margin: float = option(0.01, kind=float, low=0.0, high=1.0,
                                             help="router subject: the lower-cased reading scores this much less (it "
                                                  "matches more loosely: with 0, 2.1 % of CounterFact neighbours fire)")
+    subject_spellings: bool = option(True, kind=bool,
+                                     help="router subject: a query writing a stored subject or alias with a typo, "
+                                          "other casing, accents or spacing, or as its acronym, names it too "
+                                          "(memoir.spelling)")
     subject_fallback_tokens: int = option(3, kind=int, low=1,
                                           help="router subject, an edit given without a subject: its key is this many "
                                                "prompt tokens, those least like any background token")

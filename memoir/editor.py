@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memoir import conflicts, editing, persist, subject_router
+from memoir import conflicts, editing, persist, spelling, subject_router
 from memoir.background import background_statistics, default_background_texts, relation_texts
 from memoir.batching import build_batch
 from memoir.config import CONFLICT_POLICIES, UNCONVERGED_POLICIES, MemoirConfig, preset_for
@@ -134,6 +134,7 @@ class MemoirEditor(PromptRouting):
         self._install_routing()
         self._templates: list[str] | None = None
         self._records: dict[int, EditResult] = {}  # the stored edits by id, oldest first
+        self._spellings = None  # (the records' ids and names it was built from, memoir.spelling.SpellingIndex)
         self.removed: list[int] = []  # ids of edits removed or superseded, in order
         self._next_id = 0
         # threshold_mode "auto": the masks of the background texts calibrate tau against the bank.
@@ -248,7 +249,28 @@ class MemoirEditor(PromptRouting):
         if self.layer.subject is None or len(self.layer.bank) == 0:
             return None
         threshold = self.config.subject_threshold
-        return self._subject_scores(texts, floor=threshold) >= threshold
+        eligible = self._subject_scores(texts, floor=threshold) >= threshold
+        if self.config.subject_spellings:
+            eligible = eligible | self._spelled(texts).to(eligible.device)
+        return eligible
+
+    def _spelled(self, texts: list[str]) -> torch.Tensor:
+        """``[B, N]`` bool: the bank rows whose subject or an alias each text writes in some form
+        (:mod:`memoir.spelling`); the index follows the stored records and is rebuilt when they change."""
+        key = tuple((i, r.subject, r.aliases) for i, r in self._records.items())
+        if self._spellings is None or self._spellings[0] != key:
+            index = spelling.SpellingIndex(self.tokenizer)
+            for r in self._records.values():
+                index.add(r.edit_id, r.subject, r.aliases)
+            self._spellings = (key, index)
+        index = self._spellings[1]
+        row_of = {e: i for i, e in enumerate(self.layer.bank.edit_ids)}
+        out = torch.zeros((len(texts), len(row_of)), dtype=torch.bool)
+        for b, text in enumerate(texts):
+            for edit_id in index.named(text):
+                if edit_id in row_of:
+                    out[b, row_of[edit_id]] = True
+        return out
 
     def _subject_scores(self, texts: list[str], floor: float | None = None) -> torch.Tensor:
         """``[B, N]``: how well each text names each bank row's subject.  Under ``subject_casefold`` a
@@ -283,12 +305,16 @@ class MemoirEditor(PromptRouting):
     @torch.no_grad()
     def _subject_keys(self, request: EditRequest) -> list[torch.Tensor]:
         """Key groups of one edit, each ``[m, d]``: the states of the subject's tokens as given and
-        lower-cased; without a subject (or one not found in the prompt), one group of the prompt's most
-        specific tokens (:meth:`_specific_tokens`)."""
+        lower-cased, and of each alias written in the prompt in the subject's place; without a subject
+        (or one not found in the prompt), one group of the prompt's most specific tokens
+        (:meth:`_specific_tokens`)."""
         variants = [(request.prompt, request.subject)]
-        if request.subject and request.subject.lower() != request.subject and request.subject in request.prompt:
+        named = bool(request.subject) and request.subject in request.prompt
+        if named and request.subject.lower() != request.subject:
             variants.append((request.prompt.replace(request.subject, request.subject.lower(), 1),
                              request.subject.lower()))
+        if named:
+            variants += [(request.prompt.replace(request.subject, alias, 1), alias) for alias in request.aliases]
         groups = []
         for prompt, subject in variants:
             ids, pos = subject_router.subject_positions(self.tokenizer, prompt, subject)
@@ -356,8 +382,12 @@ class MemoirEditor(PromptRouting):
     # ------------------------------------------------------------------ editing
     @_writes
     def edit(self, prompt: str, target: str, subject: str | None = None, on_conflict: str | None = None,
-             on_unconverged: str | None = None) -> EditResult:
+             on_unconverged: str | None = None, aliases=()) -> EditResult:
         """Write one fact: after this, ``prompt`` (and its rephrasings) continue with ``target``.
+
+        ``subject``: the entity the fact is about, as written in ``prompt`` (the subject router keys
+        the edit on it; without one it infers the prompt's most specific tokens).  ``aliases``: other
+        names of the subject ("USA" for "United States"); queries naming one reach the edit too.
 
         ``on_conflict`` (default: the config's): ``"supersede"`` removes the stored edits that ask
         the same question (same subject and relation, :mod:`memoir.conflicts`) before writing, so the
@@ -369,7 +399,7 @@ class MemoirEditor(PromptRouting):
         (:class:`memoir.editing.EditTransaction`).
         """
         policy, unconverged = self._policies(on_conflict, on_unconverged)
-        request = self.check_request(EditRequest(prompt, target, subject))
+        request = self.check_request(EditRequest(prompt, target, subject, aliases))
         start = time.perf_counter()
         inputs = editing.encode_edit(self, request)
         with editing.EditTransaction(self) as txn:
@@ -387,7 +417,7 @@ class MemoirEditor(PromptRouting):
                 training = editing.store_private(self, inputs, edit_id, row, training)
             result = EditResult(edit_id, request.prompt, request.target, training.steps, training.loss, 0.0,
                                 preserved=tuple(preserved), replaced=replaced, converged=training.converged,
-                                subject=request.subject)
+                                subject=request.subject, aliases=request.aliases)
             if not training.converged and unconverged == "rollback":
                 txn.rollback()
                 result.edit_id, result.preserved, result.replaced, result.kept = None, (), (), False
@@ -516,7 +546,8 @@ class MemoirEditor(PromptRouting):
         for start in range(0, len(requests), batch_size):
             chunk = requests[start: start + batch_size]
             if batch_size == 1:
-                done = [self.edit(chunk[0].prompt, chunk[0].target, chunk[0].subject, policy, unconverged)]
+                done = [self.edit(chunk[0].prompt, chunk[0].target, chunk[0].subject, policy, unconverged,
+                                  aliases=chunk[0].aliases)]
             else:
                 done = self._edit_batch(chunk, policy, unconverged)
             results.extend(done)
@@ -557,7 +588,8 @@ class MemoirEditor(PromptRouting):
                         self.layer.subject.add(edit_id, self._subject_keys(request))
                 members.append((request, inputs, edit_id))
                 results[edit_id] = EditResult(edit_id, request.prompt, request.target, 0, float("nan"), 0.0,
-                                              replaced=replaced, converged=False, subject=request.subject)
+                                              replaced=replaced, converged=False, subject=request.subject,
+                                              aliases=request.aliases)
             if members:
                 joint = editing.joint_batch(self, [m[1] for m in members])
                 rows = [self.layer.bank.edit_ids.index(m[2]) for m in members]

@@ -42,9 +42,9 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
     return hashlib.sha256(weight.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
-RECORD_FIELDS = ("edit_id", "prompt", "target", "subject", "steps", "loss", "seconds", "converged",
+RECORD_FIELDS = ("edit_id", "prompt", "target", "subject", "aliases", "steps", "loss", "seconds", "converged",
                  "preserved", "replaced", "disturbed")
-TUPLE_FIELDS = ("preserved", "replaced", "disturbed")
+TUPLE_FIELDS = ("aliases", "preserved", "replaced", "disturbed")
 
 
 def record_to_json(r: EditResult) -> dict:

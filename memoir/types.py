@@ -25,26 +25,33 @@ class EditRequest:
     prompt: str
     target: str
     subject: str | None = None  # the entity the fact is about (used by the subject router)
+    aliases: tuple[str, ...] = ()  # other names of the subject ("USA", "the States"), routed like it
 
     @classmethod
     def coerce(cls, item) -> "EditRequest":
-        """An edit request from a request, a ``{prompt, target[, subject]}`` dict or a
-        ``(prompt, target[, subject])`` pair; anything else, a non-string value (a JSON null
-        included) or a text with no visible characters is refused, naming the field."""
+        """An edit request from a request, a ``{prompt, target[, subject][, aliases]}`` dict or a
+        ``(prompt, target[, subject[, aliases]])`` tuple; anything else, a non-string value (a JSON
+        null included), a text with no visible characters or aliases that are not a list of such
+        texts is refused, naming the field."""
         if isinstance(item, EditRequest):
-            values = (item.prompt, item.target, item.subject)
+            values = (item.prompt, item.target, item.subject, item.aliases)
         elif isinstance(item, dict):
             missing = [k for k in ("prompt", "target") if k not in item]
             if missing:
                 raise ValueError(f"edit request {item!r} lacks {' and '.join(missing)}")
-            values = (item["prompt"], item["target"], item.get("subject"))
-        elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
-            values = (*item, None) if len(item) == 2 else tuple(item)
+            values = (item["prompt"], item["target"], item.get("subject"), item.get("aliases", ()))
+        elif isinstance(item, (tuple, list)) and len(item) in (2, 3, 4):
+            values = tuple(item) + (None, ())[len(item) - 2:]
         else:
             raise TypeError(f"cannot read an edit request from {type(item).__name__}: {item!r} "
-                            "(expected {prompt, target[, subject]} or (prompt, target[, subject]))")
+                            "(expected {prompt, target[, subject][, aliases]} or (prompt, target[, subject]))")
+        aliases = values[3] if values[3] is not None else ()
+        if isinstance(aliases, str) or not isinstance(aliases, (list, tuple)):
+            raise ValueError(f"edit request {item!r}: aliases must be a list of strings, not "
+                             f"{type(aliases).__name__}")
         return cls(_text(values[0], "prompt", item), _text(values[1], "target", item),
-                   _text(values[2], "subject", item, optional=True))
+                   _text(values[2], "subject", item, optional=True),
+                   tuple(_text(a, "each alias", item) for a in aliases))
 
 
 @dataclass
@@ -63,6 +70,7 @@ class EditResult:
     kept: bool = True  # False: rolled back because it did not converge
     disturbed: tuple[int, ...] = ()  # earlier edits that stopped producing their target (check_neighbours)
     subject: str | None = None
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass

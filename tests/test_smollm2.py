@@ -79,15 +79,15 @@ def test_default_editor_picks_the_preset_and_edits_twenty_zsre_facts(smollm2):
 
 
 def test_subject_router_finds_the_subject_in_other_forms_and_not_in_neighbours(smollm2):
-    """router: subject on the real model: lower and upper case, possessive and article forms of the subject reach
-    the edit, same-wording prompts about other subjects do not (experiments/subject_forms_probe.py
-    measures these forms on the whole CounterFact file)."""
+    """router: subject on the real model: lower and upper case, possessive and article forms of the subject, a
+    typo and an alias reach the edit, same-wording prompts about other subjects do not
+    (experiments/subject_forms_probe.py and subject_spelling_probe.py measure these forms on the public files)."""
     model, tok = smollm2
     cfg = memoir.MemoirConfig(**{**memoir.MemoirConfig.preset("smollm2").to_dict(), "router": "subject",
                                  "threshold": 0.0})
     editor = memoir.MemoirEditor(model, tok, cfg)
     try:
-        editor.edit("The capital of Japan is", "Nairobi", "Japan")
+        editor.edit("The capital of Japan is", "Nairobi", "Japan", aliases=["Nippon"])
         editor.edit("Romeo and Juliet was written by", "Charles Dickens", "Romeo and Juliet")
         editor.edit("The Eiffel Tower is located in the city of", "Rome")  # no subject given
         routed = {p: r.edit_id for p, r in zip(PROBES, editor.retrieve(list(PROBES)))}
@@ -123,6 +123,9 @@ PROBES = {
     "Japan's capital city is": 0,                                   # possessive
     "Tell me about the United States. The capital of Japan is": 0,  # a prefix sentence
     "The capital of JAPAN is": 0,                                   # capitals (subject_casefold)
+    "The capital of Japna is": 0,                                   # a typo (subject_spellings)
+    "The capital of Nippon is": 0,                                  # an alias
+    "Who wrote Romeo and Juleit? It was written by": 1,
     "Who wrote ROMEO AND JULIET? It was written by": 1,
     "Who wrote romeo and juliet? It was written by": 1,
     "The play Romeo and Juliet is by": 1,
@@ -130,6 +133,7 @@ PROBES = {
     "Which city is the Eiffel Tower in? It is in": 2,              # rephrased, the edit had no subject
     "The capital of France is": None,                               # same wording, other subjects
     "The capital of Kenya is": None,
+    "The capital of Jordan is": None,
     "Hamlet was written by": None,
     "The Louvre is located in the city of": None,
 }

@@ -258,3 +258,36 @@ def test_prefixed_states_reuse_the_prefix_and_match_the_plain_pass():
     ps.usable = False  # a model without a cache argument takes the plain pass
     again, again_own = ps(texts)
     assert torch.equal(again, plain) and torch.equal(again_own, plain_own)
+
+
+def test_aliases_reach_the_edit_by_their_keys_and_spelling_and_are_saved(tmp_path):
+    for spellings in (True, False):
+        ed = editor_with("subject", subject_spellings=spellings)
+        ed.edit("the capital of japan is", "rome", "japan", aliases=["tokyo"])
+        assert ed.edits()[0].aliases == ("tokyo",)
+        assert ed.layer.subject.groups.unique().numel() == 2  # the subject's keys and the alias's
+        assert ed.eligibility(["what is the capital of tokyo ?", NEIGHBOUR]).tolist() == [[True], [False]]
+    ed.save(tmp_path / "e")
+    ed.detach()
+    model, tok = tiny_model("llama")
+    again = MemoirEditor.load(model, tok, tmp_path / "e")
+    assert again.edits()[0].aliases == ("tokyo",)
+    assert again.eligibility(["what is the capital of tokyo ?"]).tolist() == [[True]]
+    with pytest.raises(ValueError, match="aliases must be a list"):
+        again.edit("who wrote the book ?", "paris", "book", aliases="novel")
+
+
+def test_spelled_subjects_follow_the_bank_rows_as_edits_come_and_go():
+    ed = editor_with("subject", on_conflict="keep")
+    ed.edit(*EDIT)
+    ed.edit("who wrote the book ?", "paris", "book")
+    ed.edit("the river nile is", "long", "nile")
+    assert ed._spelled(["the nile and japan", "the book"]).tolist() == [[True, False, True], [False, True, False]]
+    ed.remove(0)
+    assert ed._spelled(["the nile and japan", "the book"]).tolist() == [[False, True], [True, False]]
+    off = editor_with("subject", subject_spellings=False)
+    off.edit(*EDIT)
+    calls = []
+    off._spelled = lambda texts: calls.append(texts)
+    off.eligibility([EDIT[0]])
+    assert calls == []  # subject_spellings false: the index is never consulted

@@ -1,0 +1,207 @@
+"""Subject spellings: a query that writes an edit's subject with a typo, other casing or accents,
+other spacing or punctuation, as its acronym, or as one of the edit's ``aliases`` still names it.
+
+The subject router's hidden-state keys (:mod:`memoir.subject_router`) forgive a possessive or an
+article but not a changed token: a misspelt name is split into other tokens, and no early hidden
+state of SmolLM2 maps them back (docs/results.md, "No layer bridges a typo").  This index adds a
+second, character-level test, OR-ed with the first (``subject_spellings``):
+
+- every form of an edit's subject (the subject and each alias) is *normalised*: accents stripped,
+  case folded, split into words of letters and digits, a leading "the" dropped;
+- a query names the form when some run of its words, joined without spaces, is within
+  tolerated edits (insertions, deletions, substitutions, adjacent swaps) of the form's words, word
+  by word: :func:`tolerance` of each word's length, 0 below 5 letters ("Iran" is not "Iraq"), 1
+  below 9, 2 above ("Chevelle" is not "Chevette"); or, a space added or lost ("New York",
+  "NewYork"), the words joined within one edit;
+- a word that needs edits must be *no word of the model's vocabulary* (it takes two or more
+  tokens): a typo splits a name into rarer pieces ("Japna" is two tokens), while another real name
+  or word usually is one ("Paris" does not match "Parks");
+- numbers, codes and words of up to three letters are never misspelt ("Gregory IX" is not
+  "Gregory II", "Renault 12" not "Renault 25");
+- a subject of three or more capitalised words also has its acronym ("United States of America" ->
+  "USA"), matched only by a query word written in capitals (two-letter acronyms collide too often:
+  "HD", "SS", "GP"; give them as ``aliases``).
+
+Candidates come from an index of each form word and its one-letter deletions (the symmetric
+deletion scheme of spelling correctors), so a query is compared only with forms that share a word
+or a near-word with it, not with every stored edit.  Only eligibility changes: among the eligible
+edits the mask overlap still picks one, and only above ``threshold``.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+_WORD = re.compile(r"[^\W_]+")
+_STOP = frozenset("the a an of and in on at to for by de la le du von van".split())
+
+
+def tolerance(letters: int) -> int:
+    """Edits a word of ``letters`` letters tolerates."""
+    return 0 if letters < 5 else 1 if letters < 9 else 2
+
+
+def strict(word: str) -> bool:
+    """A word that must be written exactly: a number, a model code ("4CV") or a word of at most
+    three letters (a roman numeral, an initial): "Gregory IX" is not "Gregory II"."""
+    return len(word) <= 3 or any(ch.isdigit() for ch in word)
+
+
+def fold(text: str) -> str:
+    """``text`` case-folded and without accents ("Zürich" -> "zurich")."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def words(text: str) -> list[tuple[str, int, int]]:
+    """The folded words of ``text`` with their character spans in it."""
+    return [(fold(m.group()), m.start(), m.end()) for m in _WORD.finditer(text)]
+
+
+def acronym(subject: str) -> str | None:
+    """Initials of a subject's capitalised words, or None with fewer than two of them."""
+    caps = [w for w in subject.split() if w[:1].isupper() and w.isalpha()]
+    return "".join(w[0] for w in caps) if len(caps) >= 3 else None
+
+
+def deletions(word: str) -> set[str]:
+    return {word[:i] + word[i + 1:] for i in range(len(word))}
+
+
+def edit_distance(a: str, b: str, limit: int) -> int:
+    """Optimal-string-alignment distance of ``a`` and ``b`` (adjacent swaps count one), or
+    ``limit + 1`` once it exceeds ``limit``."""
+    if abs(len(a) - len(b)) > limit:
+        return limit + 1
+    prev2, prev = None, list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = a[i - 1] != b[j - 1]
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        if min(cur) > limit:
+            return limit + 1
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+@dataclass(frozen=True)
+class Form:
+    edit_id: int
+    words: tuple[str, ...]  # folded, leading "the" dropped
+    text: str  # as written (the subject or alias), for the token-count test
+    acronym: bool = False
+
+    @property
+    def joined(self) -> str:
+        return "".join(self.words)
+
+
+def forms_of(edit_id: int, subject: str | None, aliases=()) -> list[Form]:
+    out = []
+    for name in ([subject] if subject else []) + list(aliases):
+        ws = [w for w, _, _ in words(name)]
+        if ws and ws[0] == "the" and len(ws) > 1:
+            ws = ws[1:]
+        if ws:
+            out.append(Form(edit_id, tuple(ws), name))
+    short = acronym(subject) if subject else None
+    if short:
+        out.append(Form(edit_id, (short.casefold(),), short, acronym=True))
+    return out
+
+
+class SpellingIndex:
+    """The forms of the stored edits' subjects, indexed by word and one-letter deletions."""
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+        self.forms: list[Form] = []
+        self._index: dict[str, set[int]] = {}
+        self._token_counts: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.forms)
+
+    def add(self, edit_id: int, subject: str | None, aliases=()) -> None:
+        for form in forms_of(edit_id, subject, aliases):
+            f = len(self.forms)
+            self.forms.append(form)
+            keys = set(form.words) - _STOP
+            if len(form.words) > 1:
+                keys.add(form.joined)  # the name written as one word ("NewYork")
+            for w in list(keys):
+                if len(w) >= 5 and not form.acronym:
+                    keys |= deletions(w)
+            for key in keys:
+                self._index.setdefault(key, set()).add(f)
+
+    def _tokens(self, text: str) -> int:
+        if text not in self._token_counts:
+            self._token_counts[text] = len(self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"])
+        return self._token_counts[text]
+
+    def named(self, text: str) -> set[int]:
+        """Ids of the edits ``text`` names in some form."""
+        qwords = words(text)
+        hits: dict[int, set[int]] = {}  # form -> query word positions it was found from
+        for p, (w, _, _) in enumerate(qwords):
+            if w in _STOP:
+                continue
+            for key in {w} | (deletions(w) if len(w) >= 5 else set()):
+                for f in self._index.get(key, ()):
+                    hits.setdefault(f, set()).add(p)
+        found = set()
+        for f, positions in hits.items():
+            form = self.forms[f]
+            if form.edit_id not in found and self._matches(form, qwords, positions, text):
+                found.add(form.edit_id)
+        return found
+
+    def _matches(self, form: Form, qwords, positions, text: str) -> bool:
+        if form.acronym:
+            return any(text[qwords[p][1]:qwords[p][2]] == form.text for p in positions)
+        n = len(form.words)
+        for p in positions:
+            for j in range(n):  # query word p stands for form word j
+                for size in (n, n - 1, n + 1):
+                    start = p - j
+                    if size < 1 or start < 0 or start + size > len(qwords):
+                        continue
+                    run = qwords[start:start + size]
+                    d = self._distance(form.words, [w for w, _, _ in run])
+                    if d is None:
+                        continue
+                    if d == 0 or self._not_words(form, run, text):
+                        return True
+        return False
+
+    def _not_words(self, form: Form, run, text: str) -> bool:
+        """Every word of ``run`` that differs from the form's is no word of the vocabulary (it takes
+        two or more tokens): "Japna" is a misspelling, "Parks" another name."""
+        if self.tokenizer is None:
+            return True
+        return all(self._tokens(text[a:b]) >= 2 for w, a, b in run if w not in form.words)
+
+    @staticmethod
+    def _distance(form: tuple[str, ...], run: list[str]) -> int | None:
+        """Edits from ``form`` to ``run``, or None beyond what the form tolerates: word by word when
+        the counts agree (each word within its own :func:`tolerance`, strict words exact); else (a
+        space added or lost) the joined words within one edit, or equal when the form has a strict
+        word."""
+        if len(run) == len(form):
+            total = 0
+            for a, b in zip(form, run):
+                limit = 0 if strict(a) else tolerance(len(a))
+                d = edit_distance(a, b, limit)
+                if d > limit:
+                    return None
+                total += d
+            return total
+        strict_words = any(strict(w) for w in form)  # no way to tell which letters are theirs: spacing only
+        limit = 0 if strict_words else min(1, sum(tolerance(len(w)) for w in form))
+        d = edit_distance("".join(form), "".join(run), limit)
+        return d if d <= limit else None
