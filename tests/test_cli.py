@@ -25,7 +25,8 @@ def test_demo_runs_on_a_local_model(tiny_dir, capsys):
 
 def test_edit_command_and_save(tiny_dir, tmp_path, capsys):
     req = tmp_path / "r.jsonl"
-    req.write_text(json.dumps({"prompt": "the capital of japan is", "target": "berlin"}) + "\n")
+    req.write_text(json.dumps({"prompt": "the capital of japan is", "target": "berlin", "subject": "japan",
+                               "aliases": ["tokyo"]}) + "\n")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("n_iter: 3\nnum_context_templates: 1\n")
     assert main(["edit", str(req), "--model", str(tiny_dir), "--config", str(cfg), "--quiet",
@@ -33,6 +34,8 @@ def test_edit_command_and_save(tiny_dir, tmp_path, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["target"] == "berlin" and line["steps"] == 3
     assert (tmp_path / "saved" / "memoir_config.json").exists()
+    saved = json.loads((tmp_path / "saved" / "memoir_config.json").read_text())
+    assert [(e["subject"], e["aliases"]) for e in saved["edits"]] == [("japan", ["tokyo"])]
 
 
 def test_edit_command_trains_batches_under_private_memory(tiny_dir, tmp_path, capsys):
@@ -72,6 +75,8 @@ def _write_lines(path, lines):
      "r.jsonl:3: not JSON"),
     (['{"prompt": "the capital of japan is", "target": "berlin"}', '["i live in", null]'], "line 2: edit request"),
     (['[{"prompt": "the capital of japan is", "target": "berlin"}, {"prompt": "i live in"}]'], "item 1: edit request"),
+    (['{"prompt": "the capital of japan is", "target": "berlin", "subject": "japan", "aliases": "nippon"}'],
+     "line 1: edit request .*aliases must be a list"),
 ])
 def test_edit_command_checks_the_whole_file_before_loading_the_model(tmp_path, lines, where, monkeypatch):
     import memoir
