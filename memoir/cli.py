@@ -28,6 +28,8 @@ DEMO_UNRELATED = [
 ]
 # Same wording as an edited prompt, another subject: they must keep the original answer.
 DEMO_SIMILAR = ["The capital of France is", "Hamlet was written by"]
+# A rephrasing with the subject misspelt, and the edit (index into DEMO_EDITS) it must reach.
+DEMO_MISSPELT = [("Who wrote Romeo and Juleit? It was written by", 2)]
 
 
 def _config_from_args(args):
@@ -64,6 +66,7 @@ def cmd_demo(args) -> int:
 
     edits = DEMO_EDITS[: args.n_edits]
     rows = [(p, "edited") for p, _, _, _ in edits] + [(r, "rephrased") for _, _, _, r in edits]
+    rows += [(p, "misspelt") for p, i in DEMO_MISSPELT if i < len(edits)]
     rows += [(p, "unrelated") for p in DEMO_UNRELATED] + [(p, "similar") for p in DEMO_SIMILAR]
     prompts = [p for p, _ in rows]
     before = editor.generate(prompts, max_new_tokens=args.max_new_tokens)
@@ -91,10 +94,10 @@ def cmd_demo(args) -> int:
         return sum(r.edit_id is not None for (_, k), r in zip(rows, routes) if k == kind), sum(
             k == kind for _, k in rows)
 
-    (e_hit, e_n), (r_hit, r_n), (u_hit, u_n), (s_hit, s_n) = (fired(k) for k in
-                                                              ("edited", "rephrased", "unrelated", "similar"))
+    (e_hit, e_n), (r_hit, r_n), (m_hit, m_n), (u_hit, u_n), (s_hit, s_n) = (
+        fired(k) for k in ("edited", "rephrased", "misspelt", "unrelated", "similar"))
     print(textwrap.dedent(f"""
-        The memory fired for {e_hit}/{e_n} edited and {r_hit}/{r_n} rephrased prompts, for {u_hit}/{u_n}
+        The memory fired for {e_hit}/{e_n} edited, {r_hit}/{r_n} rephrased and {m_hit}/{m_n} misspelt prompts, for {u_hit}/{u_n}
         unrelated prompts (memory off: the original model's answer, bit for bit) and for {s_hit}/{s_n}
         prompts that reuse an edited prompt's wording with another subject (router: {cfg.router}; the
         mask router can confuse those with the edit, the subject router checks the subject).

@@ -34,6 +34,7 @@ import unicodedata
 from dataclasses import dataclass
 
 _WORD = re.compile(r"[^\W_]+")
+_TOKEN_CACHE = 100_000
 _STOP = frozenset("the a an of and in on at to for by de la le du von van".split())
 
 
@@ -60,7 +61,7 @@ def words(text: str) -> list[tuple[str, int, int]]:
 
 
 def acronym(subject: str) -> str | None:
-    """Initials of a subject's capitalised words, or None with fewer than two of them."""
+    """Initials of a subject's capitalised words, or None with fewer than three of them."""
     caps = [w for w in subject.split() if w[:1].isupper() and w.isalpha()]
     return "".join(w[0] for w in caps) if len(caps) >= 3 else None
 
@@ -92,7 +93,7 @@ def edit_distance(a: str, b: str, limit: int) -> int:
 class Form:
     edit_id: int
     words: tuple[str, ...]  # folded, leading "the" dropped
-    text: str  # as written (the subject or alias), for the token-count test
+    text: str  # as written (the subject or alias; an acronym is matched as written)
     acronym: bool = False
 
     @property
@@ -139,10 +140,12 @@ class SpellingIndex:
             for key in keys:
                 self._index.setdefault(key, set()).add(f)
 
-    def _tokens(self, text: str) -> int:
-        if text not in self._token_counts:
-            self._token_counts[text] = len(self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"])
-        return self._token_counts[text]
+    def _tokens(self, word: str) -> int:
+        if word not in self._token_counts:
+            if len(self._token_counts) >= _TOKEN_CACHE:  # a long-running server meets endless words
+                self._token_counts.clear()
+            self._token_counts[word] = len(self.tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"])
+        return self._token_counts[word]
 
     def named(self, text: str) -> set[int]:
         """Ids of the edits ``text`` names in some form."""

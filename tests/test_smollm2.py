@@ -140,9 +140,10 @@ PROBES = {
 
 
 def test_the_demo_edits_reach_their_rephrasings_and_spare_similar_prompts(smollm2):
-    """``memoir demo``'s facts with the shipped preset: every rephrasing answers with the new fact,
-    every same-wording prompt about another subject keeps the unedited answer."""
-    from memoir.cli import DEMO_EDITS, DEMO_SIMILAR
+    """``memoir demo``'s facts with the shipped preset: every rephrasing (one with a misspelt subject
+    too) answers with the new fact, every same-wording prompt about another subject keeps the unedited
+    answer."""
+    from memoir.cli import DEMO_EDITS, DEMO_MISSPELT, DEMO_SIMILAR
 
     model, tok = smollm2
     editor = memoir.MemoirEditor(model, tok)
@@ -153,6 +154,8 @@ def test_the_demo_edits_reach_their_rephrasings_and_spare_similar_prompts(smollm
             editor.edit(prompt, target, subject=subject)
         rephrased = editor.generate([r for _, _, _, r in DEMO_EDITS], max_new_tokens=8)
         assert all(o.strip().startswith(t) for o, (_, t, _, _) in zip(rephrased, DEMO_EDITS)), rephrased
+        misspelt = editor.generate([p for p, _ in DEMO_MISSPELT], max_new_tokens=8)
+        assert all(o.strip().startswith(DEMO_EDITS[i][1]) for o, (_, i) in zip(misspelt, DEMO_MISSPELT)), misspelt
         assert editor.generate(DEMO_SIMILAR, max_new_tokens=6) == before
         assert all(r.edit_id is None for r in editor.retrieve(DEMO_SIMILAR))
     finally:
