@@ -5,7 +5,8 @@ Index: the subjects of every edit of a public file (CounterFact ROME format or Z
 - every paraphrase (ZsRE: rephrase) with its subject rewritten: ``verbatim``, ``upper``, ``lower``,
   and four typos of the longest subject word (of 4+ letters): ``swap`` (two inner letters),
   ``drop`` (an inner letter left out), ``double`` (an inner letter doubled), ``replace`` (an inner
-  letter replaced by the next one in the alphabet); ``acronym`` for subjects of 2+ capitalised words;
+  letter replaced by the next one in the alphabet); ``acronym`` for subjects of 3+ capitalised words;
+  ``common_alias`` (the first other name in memoir/data/aliases.txt) for subjects listed there;
 - every neighbourhood prompt (CounterFact: same relation, other subject) and every locality prompt
   (ZsRE: NQ questions): they should name no edit.
 Reported: the share of rewritten queries naming their own edit, the share of neighbourhood /
@@ -60,6 +61,9 @@ def rewrites(subject: str) -> dict[str, str]:
     short = spelling.acronym(subject)
     if short:
         out["acronym"] = short
+    others = spelling.common_aliases(subject)
+    if others:
+        out["common_alias"] = others[0]
     return out
 
 

@@ -221,6 +221,10 @@ class MemoirConfig(DictFields):
                                      help="router subject: a query writing a stored subject or alias with a typo, "
                                           "other casing, accents or spacing, or as its acronym, names it too "
                                           "(memoir.spelling)")
+    subject_common_aliases: bool = option(True, kind=bool,
+                                          help="router subject, with subject_spellings: a subject listed in the shipped "
+                                               "table of common aliases (memoir/data/aliases.txt) is also named by its "
+                                               "other names there (\"Holland\", \"US\")")
     subject_fallback_tokens: int = option(3, kind=int, low=1,
                                           help="router subject, an edit given without a subject: its key is this many "
                                                "prompt tokens, those least like any background token")

@@ -257,11 +257,11 @@ class MemoirEditor(PromptRouting):
     def _spelled(self, texts: list[str]) -> torch.Tensor:
         """``[B, N]`` bool: the bank rows whose subject or an alias each text writes in some form
         (:mod:`memoir.spelling`); the index follows the stored records and is rebuilt when they change."""
-        key = tuple((i, r.subject, r.aliases) for i, r in self._records.items())
+        key = (self.config.subject_common_aliases,) + tuple((i, r.subject, r.aliases) for i, r in self._records.items())
         if self._spellings is None or self._spellings[0] != key:
             index = spelling.SpellingIndex(self.tokenizer)
             for r in self._records.values():
-                index.add(r.edit_id, r.subject, r.aliases)
+                index.add(r.edit_id, r.subject, r.aliases, common=self.config.subject_common_aliases)
             self._spellings = (key, index)
         index = self._spellings[1]
         row_of = {e: i for i, e in enumerate(self.layer.bank.edit_ids)}

@@ -19,8 +19,11 @@ second, character-level test, OR-ed with the first (``subject_spellings``):
 - numbers, codes and words of up to three letters are never misspelt ("Gregory IX" is not
   "Gregory II", "Renault 12" not "Renault 25");
 - a subject of three or more capitalised words also has its acronym ("United States of America" ->
-  "USA"), matched only by a query word written in capitals (two-letter acronyms collide too often:
-  "HD", "SS", "GP"; give them as ``aliases``).
+  "USA"); with ``subject_common_aliases`` a subject listed in ``memoir/data/aliases.txt`` also has
+  its other names there ("Holland" for "Netherlands", "Bombay" for "Mumbai", "US" for "United
+  States").  Acronyms and other names of two to four capitals ("US", "U.S.", "NYC") match only as
+  written, in capitals, with no typo (the subject itself matches in any case): the pronoun "us" names nothing, and acronyms of two letters are not
+  made up from subjects ("HD", "SS", "GP" collide too often), only taken from the table or ``aliases``.
 
 Candidates come from an index of each form word and its one-letter deletions (the symmetric
 deletion scheme of spelling correctors), so a query is compared only with forms that share a word
@@ -29,6 +32,8 @@ edits the mask overlap still picks one, and only above ``threshold``.
 """
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -66,6 +71,41 @@ def acronym(subject: str) -> str | None:
     return "".join(w[0] for w in caps) if len(caps) >= 3 else None
 
 
+def _key(name: str) -> str:
+    ws = [w for w, _, _ in words(name)]
+    return " ".join(ws[1:] if ws[:1] == ["the"] and len(ws) > 1 else ws)
+
+
+@functools.lru_cache(maxsize=1)
+def _alias_groups() -> dict[str, tuple[str, ...]]:
+    groups = {}
+    text = importlib.resources.files("memoir").joinpath("data/aliases.txt").read_text(encoding="utf-8")
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            names = tuple(n.strip() for n in line.split("|") if n.strip())
+            for name in names:
+                groups[_key(name)] = names
+    return groups
+
+
+def common_aliases(subject: str | None) -> tuple[str, ...]:
+    """The other names of ``subject`` in the shipped table of common aliases (memoir/data/aliases.txt)."""
+    if not subject:
+        return ()
+    names = _alias_groups().get(_key(subject), ())
+    return tuple(n for n in names if _key(n) != _key(subject))
+
+
+def cased(name: str) -> bool:
+    """A name matched only as written: two to four capitals, dots allowed ("US", "U.S.", "NYC")."""
+    letters = [ch for ch in name if not ch.isspace() and ch != "."]
+    return 2 <= len(letters) <= 4 and all(ch.isupper() for ch in letters)
+
+
+def _alnum(text: str) -> str:
+    return "".join(ch for ch in text if ch.isalnum())
+
+
 def deletions(word: str) -> set[str]:
     return {word[:i] + word[i + 1:] for i in range(len(word))}
 
@@ -93,25 +133,29 @@ def edit_distance(a: str, b: str, limit: int) -> int:
 class Form:
     edit_id: int
     words: tuple[str, ...]  # folded, leading "the" dropped
-    text: str  # as written (the subject or alias; an acronym is matched as written)
-    acronym: bool = False
+    text: str  # as written (the subject or an alias)
+    cased: bool = False  # matched only as written (an acronym, "US"): no typos, case kept
 
     @property
     def joined(self) -> str:
         return "".join(self.words)
 
 
-def forms_of(edit_id: int, subject: str | None, aliases=()) -> list[Form]:
+def forms_of(edit_id: int, subject: str | None, aliases=(), common: bool = True) -> list[Form]:
+    """The forms of an edit's subject: the subject, its ``aliases``, its acronym and, with
+    ``common``, its other names in the table of common aliases."""
+    names = ([subject] if subject else []) + list(aliases)
+    names += [n for n in common_aliases(subject) if n not in names] if common else []
+    short = acronym(subject) if subject else None
+    if short and short not in names:
+        names.append(short)
     out = []
-    for name in ([subject] if subject else []) + list(aliases):
+    for name in names:
         ws = [w for w, _, _ in words(name)]
         if ws and ws[0] == "the" and len(ws) > 1:
             ws = ws[1:]
         if ws:
-            out.append(Form(edit_id, tuple(ws), name))
-    short = acronym(subject) if subject else None
-    if short:
-        out.append(Form(edit_id, (short.casefold(),), short, acronym=True))
+            out.append(Form(edit_id, tuple(ws), name, cased=name == short or (name != subject and cased(name))))
     return out
 
 
@@ -127,15 +171,15 @@ class SpellingIndex:
     def __len__(self) -> int:
         return len(self.forms)
 
-    def add(self, edit_id: int, subject: str | None, aliases=()) -> None:
-        for form in forms_of(edit_id, subject, aliases):
+    def add(self, edit_id: int, subject: str | None, aliases=(), common: bool = True) -> None:
+        for form in forms_of(edit_id, subject, aliases, common):
             f = len(self.forms)
             self.forms.append(form)
             keys = set(form.words) - _STOP
             if len(form.words) > 1:
                 keys.add(form.joined)  # the name written as one word ("NewYork")
             for w in list(keys):
-                if len(w) >= 5 and not form.acronym:
+                if len(w) >= 5 and not form.cased:
                     keys |= deletions(w)
             for key in keys:
                 self._index.setdefault(key, set()).add(f)
@@ -165,9 +209,11 @@ class SpellingIndex:
         return found
 
     def _matches(self, form: Form, qwords, positions, text: str) -> bool:
-        if form.acronym:
-            return any(text[qwords[p][1]:qwords[p][2]] == form.text for p in positions)
         n = len(form.words)
+        if form.cased:
+            written = _alnum(form.text)
+            runs = [qwords[p - j:p - j + n] for p in positions for j in range(n) if p - j >= 0]
+            return any(len(run) == n and _alnum(text[run[0][1]:run[-1][2]]) == written for run in runs)
         for p in positions:
             for j in range(n):  # query word p stands for form word j
                 for size in (n, n - 1, n + 1):

@@ -74,7 +74,6 @@ def test_aliases_are_forms_of_the_subject():
     assert index.named("The capital of the UK is") == {0}
     assert index.named("The capital of Britian is") == {0}  # an alias misspelt
     assert index.named("The capital of Nippon is") == {1}
-    assert index.named("the uk is") == {0}                  # an alias is a form like the subject
 
 
 def test_a_misspelling_must_not_be_a_shorter_word_than_the_name():
@@ -116,3 +115,27 @@ def test_edit_requests_take_aliases_as_a_list_of_texts():
         EditRequest.coerce({"prompt": "p", "target": "t", "aliases": ["ok", 3]})
     with pytest.raises(ValueError, match="each alias"):
         EditRequest.coerce({"prompt": "p", "target": "t", "aliases": [" "]})
+
+
+def test_common_aliases_come_from_the_shipped_table_both_ways():
+    index = index_of("Netherlands", "USA", "Mumbai")
+    assert index.named("The capital of Holland is") == {0}
+    assert index.named("The president of the United States is") == {1}
+    assert index.named("The president of the U.S. is") == {1}
+    assert index.named("The president of America is") == {1}
+    assert index.named("Bombay is a city in") == {2}
+    assert index.named("Tell us about the weather") == set()  # "US" only as written, in capitals
+    plain = spelling.SpellingIndex()
+    plain.add(0, "Netherlands", common=False)
+    assert plain.named("The capital of Holland is") == set()
+    assert spelling.common_aliases("the Netherlands") == ("Holland",)
+    assert spelling.common_aliases("Atlantis") == ()
+
+
+def test_capitalised_short_names_match_only_as_written():
+    assert spelling.cased("US") and spelling.cased("U.S.") and spelling.cased("NYC")
+    assert not spelling.cased("Us") and not spelling.cased("NASDAQ") and not spelling.cased("A")
+    index = index_of("United Kingdom", aliases={0: ["UK"]})
+    assert index.named("the UK is") == index.named("the U.K. is") == {0}
+    assert index.named("the uk is") == set()
+    assert index.named("the UX is") == set()  # no typos in a cased name
