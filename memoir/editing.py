@@ -29,7 +29,7 @@ from memoir.ops import overlap_counts
 from memoir.preserve import project_out
 from memoir.replay import capture_below, contiguous_head, keep_logits, replaying_below
 from memoir.route import Route
-from memoir.types import EditRequest
+from memoir.types import EditRecords, EditRequest
 
 GradTransform = Callable[[torch.Tensor], None]  # changes the memory gradient in place
 
@@ -86,7 +86,7 @@ class EditTransaction:
         self.keys = layer.keys.snapshot()
         self.subject = layer.subject.snapshot() if layer.subject is not None else None
         self.private = layer.private.snapshot() if layer.private is not None else None
-        self.records = dict(ed._records)
+        self.records = EditRecords(ed._records)
         self.removed = list(ed.removed)
         self.threshold = layer.threshold
         self.next_id = ed._next_id

@@ -25,7 +25,7 @@ from memoir.route import CallLocal, Route
 from memoir.subject_router import SubjectKeys
 from memoir.routing import PromptRouting
 from memoir.tophash import make_permutation
-from memoir.types import EditRequest, EditResult, Retrieval
+from memoir.types import EditRecords, EditRequest, EditResult, Retrieval
 
 __all__ = ["MemoirEditor", "EditRequest", "EditResult", "Retrieval", "default_background_texts"]
 
@@ -133,8 +133,8 @@ class MemoirEditor(PromptRouting):
             self._setup_subject_router(background_texts or default_background_texts())
         self._install_routing()
         self._templates: list[str] | None = None
-        self._records: dict[int, EditResult] = {}  # the stored edits by id, oldest first
-        self._spellings = None  # (the records' ids and names it was built from, memoir.spelling.SpellingIndex)
+        self._records = EditRecords()  # the stored edits by id, oldest first
+        self._spellings = None  # (the records' version it was built from, memoir.spelling.SpellingIndex)
         self.removed: list[int] = []  # ids of edits removed or superseded, in order
         self._next_id = 0
         # threshold_mode "auto": the masks of the background texts calibrate tau against the bank.
@@ -257,19 +257,19 @@ class MemoirEditor(PromptRouting):
     def _spelled(self, texts: list[str]) -> torch.Tensor:
         """``[B, N]`` bool: the bank rows whose subject or an alias each text writes in some form
         (:mod:`memoir.spelling`); the index follows the stored records and is rebuilt when they change."""
-        key = (self.config.subject_common_aliases,) + tuple((i, r.subject, r.aliases) for i, r in self._records.items())
+        key = (self.config.subject_common_aliases, self._records.version)
         if self._spellings is None or self._spellings[0] != key:
             index = spelling.SpellingIndex(self.tokenizer)
             for r in self._records.values():
                 index.add(r.edit_id, r.subject, r.aliases, common=self.config.subject_common_aliases)
             self._spellings = (key, index)
         index = self._spellings[1]
-        row_of = {e: i for i, e in enumerate(self.layer.bank.edit_ids)}
-        out = torch.zeros((len(texts), len(row_of)), dtype=torch.bool)
+        bank_ids = self.layer.bank.ids.cpu()
+        out = torch.zeros((len(texts), bank_ids.shape[0]), dtype=torch.bool)
         for b, text in enumerate(texts):
-            for edit_id in index.named(text):
-                if edit_id in row_of:
-                    out[b, row_of[edit_id]] = True
+            named = index.named(text)
+            if named:  # edits no longer in the bank drop out here
+                out[b] = torch.isin(bank_ids, torch.tensor(sorted(named), dtype=torch.int64))
         return out
 
     def _subject_scores(self, texts: list[str], floor: float | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from memoir.atomic import atomic_folder, recover_folder
 from memoir.config import MemoirConfig
 from memoir.ops import popcounts
-from memoir.types import EditResult
+from memoir.types import EditRecords, EditResult
 
 FORMAT = "memoir-edits/1"
 CONFIG_FILE = "memoir_config.json"
@@ -248,7 +248,7 @@ def load_editor(cls, model, tokenizer, path):
             layer.memory.copy_(state["memory"].to(layer.memory.dtype))
             layer.permutation.copy_(state["permutation"])
         layer.bank.load(state["bank_words"], state["bank_edit_ids"].tolist())
-        editor._records = records
+        editor._records = EditRecords(records)
         editor.keys.load(state, layer.memory.device)
         if layer.subject is not None:
             if "subject_keys" not in state:

@@ -1,8 +1,11 @@
 """The values the editor API takes and returns (shared by the editor, saving and the harness)."""
 from __future__ import annotations
 
+import itertools
 import unicodedata
 from dataclasses import dataclass
+
+_VERSIONS = itertools.count()
 
 
 def visible(text: str) -> str:
@@ -77,3 +80,34 @@ class EditResult:
 class Retrieval:
     edit_id: int | None
     score: float
+
+
+class EditRecords(dict):
+    """The stored edits by id, oldest first; ``version`` takes a new value at every change, so an
+    index derived from the records (the subject spellings) knows when to rebuild without comparing
+    every record."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.version = next(_VERSIONS)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.version = next(_VERSIONS)
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self.version = next(_VERSIONS)
+
+    def pop(self, *args):
+        out = super().pop(*args)
+        self.version = next(_VERSIONS)
+        return out
+
+    def clear(self):
+        super().clear()
+        self.version = next(_VERSIONS)
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self.version = next(_VERSIONS)

@@ -291,3 +291,23 @@ def test_spelled_subjects_follow_the_bank_rows_as_edits_come_and_go():
     off._spelled = lambda texts: calls.append(texts)
     off.eligibility([EDIT[0]])
     assert calls == []  # subject_spellings false: the index is never consulted
+
+
+def test_the_spelling_index_follows_the_records_through_rollback_and_reuse_of_an_id(monkeypatch):
+    from memoir import editing
+
+    ed = editor_with("subject")
+    ed.edit(*EDIT)
+    assert ed._spelled(["the book"]).tolist() == [[False]]
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(editing, "optimise", boom)
+        with pytest.raises(KeyboardInterrupt):
+            ed.edit("who wrote the book ?", "paris", "book")
+    assert ed._spelled(["the book"]).tolist() == [[False]]
+    ed.edit("the river nile is", "long", "nile")  # takes the id the rolled-back edit had
+    assert ed.edits()[-1].edit_id == 1
+    assert ed._spelled(["the book", "the nile"]).tolist() == [[False, False], [False, True]]
