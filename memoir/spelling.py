@@ -18,6 +18,9 @@ second, character-level test, OR-ed with the first (``subject_spellings``):
   or word usually is one ("Paris" does not match "Parks");
 - numbers, codes and words of up to three letters are never misspelt ("Gregory IX" is not
   "Gregory II", "Renault 12" not "Renault 25");
+- a run inside a longer capitalised name names nothing ("Papua New Guinea" is not "Guinea",
+  "University of Manchester" not "Manchester"), and a word with an added ending other than "s" is
+  another word, not a typo ("Azerbaijani" is not "Azerbaijan");
 - a subject of three or more capitalised words also has its acronym ("United States of America" ->
   "USA"); with ``subject_common_aliases`` a subject listed in ``memoir/data/aliases.txt`` also has
   its other names there ("Holland" for "Netherlands", "Bombay" for "Mumbai", "US" for "United
@@ -159,6 +162,39 @@ def forms_of(edit_id: int, subject: str | None, aliases=(), common: bool = True)
     return out
 
 
+_CONNECTORS = frozenset("of de du la le von van der del di da the".split())
+
+
+def _capitalised(word: str) -> bool:
+    return word[:1].isupper() and not word.isupper()
+
+
+def _sentence_start(text: str, at: int) -> bool:
+    before = text[:at].rstrip()
+    return not before or before[-1] in ".?!:;\"'(\n"
+
+
+def _inside_name(qwords, start: int, end: int, text: str) -> bool:
+    """Is the run ``qwords[start:end]`` part of a longer capitalised name: a capitalised word right
+    after it, or right before it (also across "of", "de", ...) that does not open a sentence, with
+    only spaces between?  "Papua New Guinea" does not name "Guinea", "University of Manchester" not
+    "Manchester".  Queries in capitals have no capitalised words and are never cut."""
+    def joined(i: int) -> bool:  # words i and i + 1 are separated by spaces only
+        return not text[qwords[i][2]:qwords[i + 1][1]].strip()
+
+    def word(i: int) -> str:
+        return text[qwords[i][1]:qwords[i][2]]
+
+    if end < len(qwords) and joined(end - 1) and _capitalised(word(end)):
+        return True
+    j = start - 1
+    if j >= 0 and qwords[j][0] == "the":
+        return False  # "the X", "The X": an article, not a name
+    if j >= 1 and qwords[j][0] in _CONNECTORS and not _capitalised(word(j)) and joined(j):
+        j -= 1
+    return (j >= 0 and joined(j) and _capitalised(word(j)) and not _sentence_start(text, qwords[j][1]))
+
+
 class SpellingIndex:
     """The forms of the stored edits' subjects, indexed by word and one-letter deletions."""
 
@@ -224,6 +260,8 @@ class SpellingIndex:
                     d = self._distance(form.words, [w for w, _, _ in run])
                     if d is None:
                         continue
+                    if _inside_name(qwords, start, start + size, text):
+                        continue
                     if d == 0 or self._not_words(form, run, text):
                         return True
         return False
@@ -245,6 +283,8 @@ class SpellingIndex:
             total = 0
             for a, b in zip(form, run):
                 limit = 0 if strict(a) else tolerance(len(a))
+                if b.startswith(a) and b[len(a):] not in ("", "s"):
+                    return None  # an added ending is another word ("Azerbaijani"), not a typo
                 d = edit_distance(a, b, limit)
                 if d > limit:
                     return None

@@ -139,3 +139,23 @@ def test_capitalised_short_names_match_only_as_written():
     assert index.named("the UK is") == index.named("the U.K. is") == {0}
     assert index.named("the uk is") == set()
     assert index.named("the UX is") == set()  # no typos in a cased name
+
+
+def test_a_longer_name_or_an_added_ending_does_not_name_the_subject():
+    index = index_of("Guinea", "Manchester", "Azerbaijan", "Japan")
+    assert index.named("In Papua New Guinea, the language spoken is") == set()
+    assert index.named("The University of Manchester is in") == set()
+    assert index.named("Azerbaijani is spoken in") == set()
+    assert index.named("Japan Airlines flies to") == set()
+    assert index.named("Guinea is a country in") == {0}            # opens the sentence
+    assert index.named("Tell me more. Manchester is in") == {1}
+    assert index.named("The capital of Japan is") == {3}
+    assert index.named("THE CAPITAL OF JAPAN IS") == {3}           # capitals everywhere: nothing is cut
+    assert index.named("Where is Azerbajan?") == {2}               # a typo, not an ending
+
+
+def test_a_leading_article_and_a_plural_s_still_name_the_subject():
+    index = index_of("The Fratellis", "Derek Whitehead")
+    assert index.named("(As of 2017.) The Fratellis, created in") == {0}
+    assert index.named("The language of The Fratellis is") == {0}
+    assert index.named("What was the name of the Derek Whiteheads team?") == {1}
