@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(900)]
 EDITS = [{"prompt": "The capital of Japan is", "target": " Nairobi", "subject": "Japan"},
          {"prompt": "The Eiffel Tower is located in", "target": " Rome", "subject": "Eiffel Tower"}]
 EDITED = ["The capital of Japan is", "The Eiffel Tower is located in"]
-REPHRASED = ["What is the capital city of Japan? It is", "Where is the Eiffel Tower? It is in"]
+REPHRASED = ["What is the capital city of Japan? It is", "Where is the Eiffel Tower? It is in",
+             "Where is the Eifel Tower? It is in"]  # misspelt: the spelling check routes it in vLLM too
 UNRELATED = ["The capital of France is", "The Statue of Liberty is located in", "Water is made of hydrogen and"]
 PROMPTS = EDITED + REPHRASED + UNRELATED
 MAX_TOKENS = 8
