@@ -5,7 +5,8 @@ attached), batch 1 and 8, 16 new tokens with the KV cache (``model.generate``).
 Every prompt is one of 8 real edits (its mask, subject keys and a block of the stored shape, so each
 sequence is routed and reads a block: the worst case); the other N - 8 edits are synthetic: random
 TopHash masks, random subject keys (two groups of three per edit, like a three-token subject as given
-and lower-cased) and random rank-16 blocks. Routing and reading cost depend on the shapes, not on
+and lower-cased), random rank-16 blocks and records with made-up two-word subjects (so the spelling
+check indexes N subjects). Routing and reading cost depend on the shapes, not on
 what the blocks hold. Also records bytes per stored edit (bank, ids, subject keys, block) and the
 save time of the memory.
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import pedantic, sizes
-from memoir import EditRequest, MemoirConfig, MemoirEditor, editing, ops
+from memoir import EditRequest, EditResult, MemoirConfig, MemoirEditor, editing, ops
 
 PROMPTS = [
     ("The Eiffel Tower is located in the city of", "Rome", "Eiffel Tower"),
@@ -61,6 +62,13 @@ def add_synthetic(editor: MemoirEditor, n: int, seed: int = 0) -> None:
     priv.u = torch.cat([priv.u, 0.01 * torch.randn(n, priv.u.shape[1], priv.rank, generator=g)])
     priv.v = torch.cat([priv.v, 0.01 * torch.randn(n, priv.rank, k, generator=g)])
     priv.lens = torch.cat([priv.lens, torch.full((n,), 3, dtype=torch.int64)])
+    # Records with made-up two-word subjects, so that saving, loading and the spelling check see
+    # n stored edits as they would (the check's index holds every subject).
+    letters = torch.randint(0, 26, (n, 2, 8), generator=g).tolist()
+    for edit_id, (first, last) in zip(ids.tolist(), letters):
+        subject = " ".join("".join(chr(97 + c) for c in word).capitalize() for word in (first, last))
+        editor._records[edit_id] = EditResult(edit_id, f"{subject} is known for", "x", 0, 0.0, 0.0,
+                                              subject=subject)
     editor._next_id += n
 
 
@@ -76,6 +84,7 @@ def add_routed(editor: MemoirEditor) -> None:
             editor.layer.subject.add(edit_id, editor._subject_keys(request))
         priv.add(edit_id, inputs.cols, 0.01 * torch.randn(priv.u.shape[1], inputs.cols.numel(), generator=g),
                  int(inputs.batch.target_mask[0].sum()))
+        editor._records[edit_id] = EditResult(edit_id, prompt, target, 0, 0.0, 0.0, subject=subject)
 
 
 @pytest.fixture(scope="module", params=[None] + EDITS, ids=lambda n: "unedited" if n is None else f"{n} edits")

@@ -134,7 +134,8 @@ class MemoirEditor(PromptRouting):
         self._install_routing()
         self._templates: list[str] | None = None
         self._records = EditRecords()  # the stored edits by id, oldest first
-        self._spellings = None  # (the records' version it was built from, memoir.spelling.SpellingIndex)
+        # ((subject_common_aliases, records version), the records it holds by id, memoir.spelling.SpellingIndex)
+        self._spellings = None
         self.removed: list[int] = []  # ids of edits removed or superseded, in order
         self._next_id = 0
         # threshold_mode "auto": the masks of the background texts calibrate tau against the bank.
@@ -256,14 +257,22 @@ class MemoirEditor(PromptRouting):
 
     def _spelled(self, texts: list[str]) -> torch.Tensor:
         """``[B, N]`` bool: the bank rows whose subject or an alias each text writes in some form
-        (:mod:`memoir.spelling`); the index follows the stored records and is rebuilt when they change."""
-        key = (self.config.subject_common_aliases, self._records.version)
-        if self._spellings is None or self._spellings[0] != key:
-            index = spelling.SpellingIndex(self.tokenizer)
-            for r in self._records.values():
-                index.add(r.edit_id, r.subject, r.aliases, common=self.config.subject_common_aliases)
-            self._spellings = (key, index)
-        index = self._spellings[1]
+        (:mod:`memoir.spelling`).  The index follows the stored records: new edits are added to it,
+        and it is rebuilt only when an edit it holds was removed or rolled back."""
+        common = self.config.subject_common_aliases
+        built = self._spellings
+        if built is None or built[0] != (common, self._records.version):
+            indexed = built[1] if built is not None and built[0][0] == common else {}
+            if any(self._records.get(i) is not r for i, r in indexed.items()):
+                indexed = {}  # an edit was removed or rolled back: rebuild (rare; appends are incremental)
+            index = built[2] if indexed else spelling.SpellingIndex(self.tokenizer)
+            indexed = dict(indexed)
+            for i, r in self._records.items():
+                if i not in indexed:
+                    index.add(r.edit_id, r.subject, r.aliases, common=common)
+                    indexed[i] = r
+            self._spellings = ((common, self._records.version), indexed, index)
+        index = self._spellings[2]
         bank_ids = self.layer.bank.ids.cpu()
         out = torch.zeros((len(texts), bank_ids.shape[0]), dtype=torch.bool)
         for b, text in enumerate(texts):

@@ -311,3 +311,16 @@ def test_the_spelling_index_follows_the_records_through_rollback_and_reuse_of_an
     ed.edit("the river nile is", "long", "nile")  # takes the id the rolled-back edit had
     assert ed.edits()[-1].edit_id == 1
     assert ed._spelled(["the book", "the nile"]).tolist() == [[False, False], [False, True]]
+
+
+def test_the_spelling_index_grows_with_new_edits_and_is_rebuilt_after_a_removal():
+    ed = editor_with("subject", on_conflict="keep")
+    ed.edit(*EDIT)
+    ed._spelled(["japan"])
+    first = ed._spellings[2]
+    ed.edit("who wrote the book ?", "paris", "book")
+    assert ed._spelled(["the book"]).tolist() == [[False, True]]
+    assert ed._spellings[2] is first and len(first) == 2  # appended, not rebuilt
+    ed.remove(0)
+    assert ed._spelled(["japan", "the book"]).tolist() == [[False], [True]]
+    assert ed._spellings[2] is not first and len(ed._spellings[2]) == 1
