@@ -235,7 +235,9 @@ class SubjectKeys(GrowingBuffers):
 
     def _lead(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lead [G, d], sizes [G])``: the first key and the key count of every group (keys of a group
-        are stored next to each other), rebuilt only when the keys or groups tensors are replaced."""
+        are stored next to each other), rebuilt only when the keys or groups tensors are replaced.
+        ``lead`` is in :func:`_prefilter_dtype`: the prefilter reads every group's lead key for every
+        prompt, so with many stored edits it is bound by memory traffic, which bfloat16 halves."""
         cache = self._lead_cache
         if cache is None or cache[0]() is not self.keys or cache[1]() is not self.groups:
             groups = self.groups
@@ -243,7 +245,8 @@ class SubjectKeys(GrowingBuffers):
             first[1:] = groups[1:] != groups[:-1]
             starts = first.nonzero().squeeze(1)
             sizes = torch.diff(torch.cat([starts, starts.new_tensor([groups.shape[0]])]))
-            cache = (weakref.ref(self.keys), weakref.ref(self.groups), self.keys[starts].contiguous(), sizes)
+            lead = self.keys[starts].to(_prefilter_dtype(self.keys.device)).contiguous()
+            cache = (weakref.ref(self.keys), weakref.ref(self.groups), lead, sizes)
             self._lead_cache = cache
         return cache[2], cache[3]
 
@@ -252,9 +255,27 @@ class SubjectKeys(GrowingBuffers):
         for some query token (``tokens [T, d]``, normalised: every query's own tokens together)."""
         lead, sizes = self._lead()
         tokens = tokens.to(lead.device)
-        need = 1.0 - sizes.to(tokens.dtype) * (1.0 - floor) - 1e-5  # float slack: never skip a group that passes
-        possible = (tokens @ lead.T >= need).any(dim=0)  # [G]
+        # Never skip a group that passes: the slack covers float32 rounding, or bfloat16's (both
+        # inputs and the product rounded to 8 significant bits: a cosine of unit vectors moves by
+        # at most 2 * 2^-8 + 2^-9 < 0.01).
+        slack = 1e-5 if lead.dtype == torch.float32 else 0.02
+        need = 1.0 - sizes.to(tokens.dtype) * (1.0 - floor) - slack
+        possible = ((lead @ tokens.T.to(lead.dtype)).float() >= need[:, None]).any(dim=1)  # [G]
         return possible.repeat_interleave(sizes)
+
+
+def _prefilter_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where its matmul is native (CUDA; CPUs with AVX-512, where oneDNN runs it), else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu":
+        supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            if supported is not None and supported():
+                return torch.bfloat16
+        except RuntimeError:  # a torch build without oneDNN
+            pass
+    return torch.float32
 
 
 def subject_positions(tokenizer, prompt: str, subject: str | None) -> tuple[list[int], list[int]]:

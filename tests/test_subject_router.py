@@ -191,8 +191,17 @@ def test_subject_scores_match_a_per_edit_loop():
             assert abs(float(got[b, row]) - best) < 1e-5, (b, row, got[b, row], best)
 
 
+@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["prefilter-float32", "prefilter-bfloat16"])
+def prefilter(request, monkeypatch):
+    """Both precisions of the floor's prefilter, whichever this machine would pick."""
+    from memoir import subject_router
+
+    monkeypatch.setattr(subject_router, "_prefilter_dtype", lambda device: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("floor", [0.5, 0.8, 0.95])
-def test_a_score_floor_keeps_every_score_that_reaches_it_exact(floor):
+def test_a_score_floor_keeps_every_score_that_reaches_it_exact(floor, prefilter):
     """Queries made of perturbed copies of some keys score close to the floor from both sides."""
     from memoir.subject_router import SubjectKeys
 
@@ -213,6 +222,33 @@ def test_a_score_floor_keeps_every_score_that_reaches_it_exact(floor):
     # Below the floor a row may read a lower score: its best group may have been skipped.
     assert (floored <= exact + 1e-6).all()
     assert (floored < exact - 1e-6).any(), "the bound must spare some groups"
+
+
+@pytest.mark.parametrize("floor", [0.9, 0.958, 0.96])
+@pytest.mark.parametrize("above", [1e-6, 1e-4, 1e-3])
+def test_a_score_just_above_the_floor_survives_the_prefilter(prefilter, floor, above):
+    """One-key groups whose query sits at cosine ``floor + above``: the prefilter's rounding (bfloat16
+    inputs and output move a cosine by up to ~0.01) must never drop them."""
+    from memoir.subject_router import SubjectKeys
+
+    d = 64
+    g = torch.Generator().manual_seed(2)
+    keys = SubjectKeys(d)
+    for edit_id in range(50):
+        keys.add(edit_id, [torch.randn(1, d, generator=g)])
+    k = keys.keys  # unit vectors (the background mean is zero)
+    other = torch.nn.functional.normalize(torch.randn(50, d, generator=g), dim=-1)
+    other = torch.nn.functional.normalize(other - (other * k).sum(-1, keepdim=True) * k, dim=-1)
+    c = floor + above
+    queries = c * k + (1 - c * c) ** 0.5 * other  # cosine c with its own key, unit length
+    states, own = queries[:, None].double().float(), torch.ones(50, 1, dtype=torch.bool)
+    exact = keys.scores(states, own, torch.arange(50))
+    floored = keys.scores(states, own, torch.arange(50), floor=floor)
+    diagonal = exact.diagonal()
+    assert ((diagonal - c).abs() < 1e-5).all()
+    passing = exact >= floor
+    assert passing.diagonal().sum() >= 45, "most constructed cosines land above the floor in float32"
+    assert torch.equal(floored >= floor, passing)
 
 
 def test_the_score_floor_follows_keys_added_removed_and_restored():
