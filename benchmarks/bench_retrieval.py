@@ -33,29 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memoir import ops  # noqa: E402
-from memoir.machine import machine_info as shared_machine_info  # noqa: E402
+from memoir.machine import gpu_peak_gbps, machine_info as shared_machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THRESHOLD = 0.5
-
-# Peak DRAM bandwidth (GB/s, vendor spec) by device-name substring, most specific first.
-PEAK_GBS = [
-    ("H200", 4800.0),
-    ("H100 NVL", 3900.0),
-    ("H100 PCIe", 2000.0),
-    ("H100", 3350.0),
-    ("GH200", 4000.0),
-    ("A100-SXM4-80GB", 2039.0),
-    ("A100 80GB PCIe", 1935.0),
-    ("A100", 1555.0),
-    ("L40S", 864.0),
-    ("L4", 300.0),
-    ("A10G", 600.0),
-    ("A10", 600.0),
-    ("V100", 900.0),
-    ("T4", 320.0),
-]
-
 
 # ----------------------------------------------------------------------------- machine info
 def machine_info(device: str) -> dict:
@@ -210,7 +191,7 @@ def bench_cuda(args) -> dict:
     assert torch.cuda.is_available(), "--device cuda needs a CUDA GPU"
     assert ops.backend()["cuda"] == "cuda", "memoir._C was built without CUDA kernels"
     name = torch.cuda.get_device_properties(0).name
-    peak = args.peak_gbs or next((v for k, v in PEAK_GBS if k in name), None)
+    peak = args.peak_gbs or gpu_peak_gbps(name)
     d = 14336
     sizes = [10_000, 100_000, 1_000_000] if not args.quick else [10_000, 100_000]
     rows = []

@@ -43,40 +43,11 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memoir import kernels  # noqa: E402
 from memoir.kernels import choose_variant, residual_linear, residual_linear_gathered_torch, tophash  # noqa: E402
-from memoir.machine import machine_info  # noqa: E402
+from memoir.machine import gpu_peak_gbps, machine_info  # noqa: E402
 from memoir.ops import pack_bits  # noqa: E402
 from memoir.tophash import make_permutation, prompt_features  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-# Peak HBM bandwidth (GB/s) by card-name pattern (first match wins).
-PEAK_GBPS = [
-    (r"H200", 4800.0),
-    (r"H100.*(SXM|HBM3)", 3350.0),
-    (r"H100.*NVL", 3900.0),
-    (r"H100", 2000.0),  # PCIe
-    (r"GH200", 4000.0),
-    (r"B200", 8000.0),
-    (r"A100.*80", 2039.0),
-    (r"A100", 1555.0),
-    (r"L40S", 864.0),
-    (r"L40", 864.0),
-    (r"L4\b", 300.0),
-    (r"A10G", 600.0),
-    (r"A10\b", 600.0),
-    (r"RTX 4090", 1008.0),
-    (r"RTX 3090", 936.0),
-    (r"V100", 900.0),
-    (r"T4\b", 320.0),
-]
-
-
-def peak_gbps(name: str):
-    for pat, gbps in PEAK_GBPS:
-        if re.search(pat, name, re.IGNORECASE):
-            return gbps
-    return None
-
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
@@ -218,7 +189,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     cfg = SMOKE if args.smoke else FULL
     card = torch.cuda.get_device_name() if cuda else "triton-interpreter-cpu"
-    peak = peak_gbps(card) if cuda else None
+    peak = gpu_peak_gbps(card) if cuda else None
 
     res = residual_cases(cfg, args.smoke, dev, dtype)
     th = tophash_cases(cfg, args.smoke, dev, dtype)

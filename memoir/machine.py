@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -38,6 +39,35 @@ def cpu_flags(cpuinfo: str | None = None) -> list[str]:
     """The popcount-relevant instruction-set flags this CPU reports."""
     flags = _cpuinfo_field("flags", cpuinfo) or ""
     return sorted(set(flags.split()) & _RELEVANT_FLAGS)
+
+
+# Peak memory bandwidth (GB/s, vendor spec) by GPU name pattern, most specific first (first match
+# wins): what achieved GB/s is compared with.  A plain "H100" is the SXM card ("NVIDIA H100 80GB HBM3").
+GPU_PEAK_GBPS = [
+    (r"GH200", 4000.0),
+    (r"H200", 4800.0),
+    (r"H100.*NVL", 3900.0),
+    (r"H100.*PCIe", 2000.0),
+    (r"H100", 3350.0),
+    (r"B200", 8000.0),
+    (r"A100.*80GB.*PCIe", 1935.0),
+    (r"A100.*80", 2039.0),
+    (r"A100", 1555.0),
+    (r"L40S", 864.0),
+    (r"L40", 864.0),
+    (r"L4\b", 300.0),
+    (r"A10G", 600.0),
+    (r"A10\b", 600.0),
+    (r"RTX 4090", 1008.0),
+    (r"RTX 3090", 936.0),
+    (r"V100", 900.0),
+    (r"T4\b", 320.0),
+]
+
+
+def gpu_peak_gbps(name: str) -> float | None:
+    """The vendor's peak memory bandwidth of the GPU called ``name`` (GB/s), or None when unknown."""
+    return next((gbps for pattern, gbps in GPU_PEAK_GBPS if re.search(pattern, name, re.IGNORECASE)), None)
 
 
 def _version(module: str) -> str | None:

@@ -32,3 +32,18 @@ def test_machine_info_is_json_ready_and_records_the_thread_count():
     assert info["gpu"] is None  # asked for the CPU: no card even where CUDA is visible
     assert info["torch"] == torch.__version__
     json.dumps(info)
+
+
+def test_gpu_peak_bandwidth_takes_the_most_specific_card_name():
+    from memoir.machine import gpu_peak_gbps
+
+    assert gpu_peak_gbps("NVIDIA H100 80GB HBM3") == 3350.0
+    assert gpu_peak_gbps("NVIDIA H100 PCIe") == 2000.0
+    assert gpu_peak_gbps("NVIDIA H100 NVL") == 3900.0
+    assert gpu_peak_gbps("NVIDIA GH200 480GB") == 4000.0  # not the H200 its name contains
+    assert gpu_peak_gbps("NVIDIA H200") == 4800.0
+    assert gpu_peak_gbps("NVIDIA A100 80GB PCIe") == 1935.0
+    assert gpu_peak_gbps("NVIDIA A100-SXM4-80GB") == 2039.0
+    assert gpu_peak_gbps("NVIDIA A100-SXM4-40GB") == 1555.0
+    assert gpu_peak_gbps("NVIDIA L40S") == 864.0 and gpu_peak_gbps("NVIDIA L4") == 300.0
+    assert gpu_peak_gbps("Some Future Card") is None
