@@ -55,7 +55,7 @@ def _triton_available() -> bool:
 def use_triton(t: torch.Tensor) -> bool:
     """Triton TopHash / residual kernels for this tensor: CUDA tensors under ``auto``, any tensor the
     kernels can run on under ``triton``.  On CPU the dense masked matmul stays under ``auto``: it
-    measured fastest for decode (benchmarks/results/residual_cpu.json)."""
+    measured fastest for decode (experiments/results/residual_cpu.json)."""
     mode = kernel_mode()
     if mode == "triton":
         return _triton_available()

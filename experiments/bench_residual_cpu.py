@@ -10,9 +10,9 @@ Side by side, per batch x seq shape:
   (e) gathered_cached    (d) with the gathered [B, k, d] memory slice built once outside the
                 timed call: a sequence's mask is fixed, so decode steps can reuse it
 Every row carries an edit (worst case).  Reports min/median ms, ratio to (a), the fastest
-residual form, and writes benchmarks/results/residual_cpu.json with machine info.
+residual form, and writes experiments/results/residual_cpu.json with machine info.
 
-    python benchmarks/bench_residual_cpu.py [--dtype float32] [--repeats 40] [--threads 1 2]
+    python experiments/bench_residual_cpu.py [--dtype float32] [--repeats 40] [--threads 1 2]
 """
 from __future__ import annotations
 

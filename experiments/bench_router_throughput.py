@@ -4,9 +4,9 @@ Two editors on one model (attached in turn), each with a bank of ``--edits`` sto
 public ZsRE and CounterFact prompts (masks and subject keys from the frozen model; the memory is left
 at zero, which costs the same as trained columns), generate the same prompts greedily; the rounds
 alternate between the routers so that machine load hits both alike.  Reports tokens/s per router and
-the ratio subject / mask, batch 1 and batch 8.  Writes benchmarks/results/router_throughput.json.
+the ratio subject / mask, batch 1 and batch 8.  Writes experiments/results/router_throughput.json.
 
-    python benchmarks/bench_router_throughput.py --edits 1000 --threads 2
+    python experiments/bench_router_throughput.py --edits 1000 --threads 2
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "router_throughput.json"))
+    ap.add_argument("--output", default=str(ROOT / "experiments" / "results" / "router_throughput.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,9 +4,9 @@ Both editors start from the same model and apply the same public ZsRE edits with
 config; the only difference is ``full_forward`` (every iteration runs the whole model and all
 logits, as the reference code does) versus replaying the frozen layers below the edit and
 computing only the target logits.  Reports seconds per edit, the ratio, and that both give
-the same edit (steps, loss, memory).  Writes benchmarks/results/edit_speed.json.
+the same edit (steps, loss, memory).  Writes experiments/results/edit_speed.json.
 
-    python benchmarks/bench_edit_speed.py --n 8 --preset smollm2 --threads 1
+    python experiments/bench_edit_speed.py --n 8 --preset smollm2 --threads 1
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def main():
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--preset", default="smollm2")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "edit_speed.json"))
+    ap.add_argument("--output", default=str(ROOT / "experiments" / "results" / "edit_speed.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,9 +2,9 @@
 and =auto give identical top-1 tokens (teacher-forced on edit / rephrase / loc prompts) and
 identical greedy generations.  On a CPU machine `auto` differs from `reference` in retrieval (C++
 popcount kernels); on CUDA also in TopHash and the residual matmul (Triton).
-Writes benchmarks/results/kernel_paths_<device>.json.
+Writes experiments/results/kernel_paths_<device>.json.
 
-    python benchmarks/check_kernel_paths.py --n 20 --threads 1
+    python experiments/check_kernel_paths.py --n 20 --threads 1
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def main():
     }
     result["all_identical"] = all(result["identical_top1"].values()) and result["identical_routes"] and \
         result["identical_generations"]
-    path = ROOT / "benchmarks" / "results" / f"kernel_paths_{args.device}.json"
+    path = ROOT / "experiments" / "results" / f"kernel_paths_{args.device}.json"
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 
