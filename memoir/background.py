@@ -29,11 +29,15 @@ def default_background_texts() -> list[str]:
 RELATION_PLACEHOLDERS = ("it", "this one", "them", "that person", "the thing")
 
 
+def relation_templates() -> list[str]:
+    """Wordings of common relations, ``{}`` standing for the subject ("The capital of {} is")."""
+    text = importlib.resources.files("memoir").joinpath("data/relation_templates.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
 def relation_texts() -> list[str]:
     """Relation wordings with neutral placeholder subjects ("The capital of it is")."""
-    text = importlib.resources.files("memoir").joinpath("data/relation_templates.txt").read_text()
-    templates = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    return [t.format(RELATION_PLACEHOLDERS[i % len(RELATION_PLACEHOLDERS)]) for i, t in enumerate(templates)]
+    return [t.format(RELATION_PLACEHOLDERS[i % len(RELATION_PLACEHOLDERS)]) for i, t in enumerate(relation_templates())]
 
 
 def background_statistics(model, tokenizer, target, texts: list[str]):

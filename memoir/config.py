@@ -232,6 +232,17 @@ class MemoirConfig(DictFields):
                                               help="router subject, an edit given without a subject: relation wordings "
                                                    "(memoir/data/relation_templates.txt) count as background too, so "
                                                    "relation words are not taken for the subject")
+    other_questions: int = option(0, kind=int, low=0,
+                                  help="an edit with a subject also trains this many other questions about it "
+                                       "(relation wordings of memoir/data/relation_templates.txt) to keep the unedited "
+                                       "model's next-token distribution, so the edit does not answer them (0: off; "
+                                       "one-by-one editing only)")
+    other_questions_weight: float = option(1.0, kind=float, low=0.0,
+                                           help="weight of the other questions' KL term in an edit's loss")
+    other_questions_skip: int = option(10, kind=int, low=0,
+                                       help="the relation wordings most like the edit's own question (last prompt "
+                                            "token at the edited layer) are never used as other questions: they may "
+                                            "reword it")
     on_conflict: str = option("supersede", kind=str, choices=CONFLICT_POLICIES,
                               help="a new edit asking a stored edit's question (same subject and relation): "
                                    "`supersede` removes the stored one, `keep` keeps both (memoir.conflicts)")

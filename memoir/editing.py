@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -29,6 +30,7 @@ from memoir.ops import overlap_counts
 from memoir.preserve import project_out
 from memoir.replay import capture_below, contiguous_head, keep_logits, replaying_below
 from memoir.route import Route
+from memoir.tophash import prompt_features
 from memoir.types import EditRecords, EditRequest
 
 GradTransform = Callable[[torch.Tensor], None]  # changes the memory gradient in place
@@ -44,6 +46,15 @@ class EditInputs:
     packed: torch.Tensor  # [W] packed mask
     replay_output: object  # output of the layer below the edited one (None: full forward)
     keys: torch.Tensor | None  # [P, D] layer inputs predicting the target tokens, masked (or None)
+    question: torch.Tensor | None = None  # [D] question key of the bare prompt (:func:`question_keys`)
+    others: "OtherQuestions | None" = None  # other questions about the subject to leave unchanged
+
+
+def question_keys(layer, acts: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """``[B, D]`` unit vectors: each row's layer input at its last prompt token (the position that
+    predicts the answer), de-centred and scaled as the layer's TopHash features are."""
+    last = prompt_features(acts, span, "last").float()
+    return F.normalize((last - layer.background_mean.to(last.device)) / layer.background_std.to(last.device), dim=-1)
 
 
 @torch.no_grad()
@@ -65,7 +76,62 @@ def encode_edit(editor, request: EditRequest) -> EditInputs:
     if (cfg.preserve_neighbours > 0 or cfg.preserve_energy > 0) and cfg.memory == "shared":
         positions = batch.target_mask[0, 1:].nonzero().squeeze(1)
         keys = acts[0, positions].float() * dense[0].to(acts.device, torch.float32)
-    return EditInputs(batch, cols[0], dense[0], packed[0], replay_output[0] if replay_output else None, keys)
+    question = question_keys(editor.layer, acts[:1], batch.prompt_mask[:1])[0]
+    return EditInputs(batch, cols[0], dense[0], packed[0], replay_output[0] if replay_output else None, keys,
+                      question)
+
+
+@dataclass
+class OtherQuestions:
+    """Other questions about an edit's subject, and what the unedited model answers them."""
+
+    prompts: list[str]
+    batch: Batch  # the prompts, left padded
+    replay_output: object  # output of the layer below the edited one (None: full forward)
+    reference: torch.Tensor  # [n, V] the unedited model's next-token log-probabilities
+
+
+@torch.no_grad()
+def other_questions(editor, request: EditRequest, inputs: EditInputs) -> OtherQuestions | None:
+    """``other_questions`` relation wordings about the request's subject that its training keeps
+    unchanged (None: off, or an edit without a subject).
+
+    The wordings whose question key is most like the edit prompt's (``other_questions_skip`` of them)
+    may ask the same relation in other words, so they are never used; the rest are drawn at random,
+    seeded by the config seed and the prompt, so an edit made again trains the same ones."""
+    cfg = editor.config
+    if cfg.other_questions <= 0 or not request.subject or inputs.question is None:
+        return None
+    templates, keys = editor.relation_question_keys()
+    order = (keys @ inputs.question.to(keys.device)).argsort(descending=True).tolist()
+    allowed = sorted(order[cfg.other_questions_skip:])
+    if not allowed:
+        return None
+    seed = cfg.seed * 1_000_003 + int.from_bytes(hashlib.sha256(request.prompt.encode()).digest()[:4], "little")
+    pick = torch.randperm(len(allowed), generator=torch.Generator().manual_seed(seed))[: cfg.other_questions]
+    prompts = [templates[allowed[i]].format(request.subject) for i in sorted(pick.tolist())]
+    batch = build_batch(editor.tokenizer, prompts, device=editor.device)
+    with editor.disabled(), editor.layer.using_route(Route.unrouted(len(prompts), editor.device)), \
+            capture_below(editor.target, enabled=not editor.full_forward) as replay_output:
+        logits = editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                              **keep_logits(editor.model, 1)).logits[:, -1]
+    return OtherQuestions(prompts, batch, replay_output[0] if replay_output else None,
+                          F.log_softmax(logits.float(), dim=-1))
+
+
+def other_questions_drift(editor, others: OtherQuestions, row: int) -> torch.Tensor:
+    """KL(unedited || edited) of the other questions' next token, every row routed to bank row ``row``.
+
+    The memory is read as a query's prompt pass will read the stored block: with ``block_gain`` (memory
+    private) and without ``train_input_scale``."""
+    model, batch = editor.model, others.batch
+    route = Route.to_row(row, batch.input_ids.shape[0], editor.device)
+    gain = editor.config.block_gain if editor.layer.private is not None else 1.0
+    with editor.layer.using_route(route), replaying_below(editor.target, others.replay_output), \
+            editor.layer.training_passes(None if gain == 1.0 else (lambda a: a * gain)):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                       **keep_logits(model, 1)).logits[:, -1]
+    return F.kl_div(F.log_softmax(logits.float(), dim=-1), others.reference, log_target=True, reduction="batchmean")
 
 
 class EditTransaction:
@@ -308,6 +374,8 @@ def optimise(editor, inputs: EditInputs, row: int, transforms: list[GradTransfor
                                **keep).logits
                 logits = logits[:, -(n_target + 1): -1]
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+                if inputs.others is not None:
+                    loss = loss + cfg.other_questions_weight * other_questions_drift(editor, inputs.others, row)
                 loss_value = loss.detach().item()
                 if not math.isfinite(loss_value):
                     raise EditDiverged(f"the edit diverged: loss {loss_value} after {steps} steps "

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memoir import conflicts, editing, persist, spelling, subject_router
-from memoir.background import background_statistics, default_background_texts, relation_texts
+from memoir.background import background_statistics, default_background_texts, relation_templates, relation_texts
 from memoir.batching import build_batch
 from memoir.config import CONFLICT_POLICIES, UNCONVERGED_POLICIES, MemoirConfig, preset_for
 from memoir.layer import MemoirLayer
@@ -133,6 +133,7 @@ class MemoirEditor(PromptRouting):
             self._setup_subject_router(background_texts or default_background_texts())
         self._install_routing()
         self._templates: list[str] | None = None
+        self._relation_keys: tuple[list[str], torch.Tensor] | None = None  # relation_question_keys()
         self._records = EditRecords()  # the stored edits by id, oldest first
         # ((subject_common_aliases, records version), the records it holds by id, memoir.spelling.SpellingIndex)
         self._spellings = None
@@ -380,6 +381,22 @@ class MemoirEditor(PromptRouting):
             self._templates = templates
         return self._templates
 
+    @torch.no_grad()
+    def relation_question_keys(self) -> tuple[list[str], torch.Tensor]:
+        """``(templates, keys [T, D])``: the relation wordings of memoir/data/relation_templates.txt and
+        the question key of each (:func:`memoir.editing.question_keys`, read with a neutral subject),
+        computed once; ``other_questions`` picks from them."""
+        if self._relation_keys is None:
+            texts = relation_texts()
+            batch = build_batch(self.tokenizer, texts, device=self.device)
+            with self.disabled(), self.layer.using_route(Route.unrouted(len(texts), self.device)), \
+                    self.layer.capturing() as seen:
+                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                           **keep_logits(self.model, 1))
+            acts = seen[0].reshape(*batch.input_ids.shape, -1)
+            self._relation_keys = (relation_templates(), editing.question_keys(self.layer, acts, batch.prompt_mask))
+        return self._relation_keys
+
     # ------------------------------------------------------------------ enable / disable
     def disable(self) -> None:
         """Switch the memory off: the model behaves exactly as the unedited one."""
@@ -411,6 +428,7 @@ class MemoirEditor(PromptRouting):
         request = self.check_request(EditRequest(prompt, target, subject, aliases))
         start = time.perf_counter()
         inputs = editing.encode_edit(self, request)
+        inputs.others = editing.other_questions(self, request, inputs)
         with editing.EditTransaction(self) as txn:
             replaced = tuple(conflicts.find_conflicts(self, request)) if policy == "supersede" else ()
             for old in replaced:
@@ -545,6 +563,9 @@ class MemoirEditor(PromptRouting):
 
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be an int >= 1")
+        if batch_size > 1 and self.config.other_questions > 0:
+            raise ValueError("batch_size > 1 does not train other_questions yet: edit one by one (batch_size=1) "
+                             "or set other_questions: 0")
         if batch_size > 1 and self.layer.private is None:
             raise ValueError("batch_size > 1 needs memory: private (in a shared memory an edit is trained "
                              "against the edits before it, one at a time)")
