@@ -239,6 +239,9 @@ class MemoirConfig(DictFields):
                                        "one-by-one editing only)")
     other_questions_weight: float = option(1.0, kind=float, low=0.0,
                                            help="weight of the other questions' KL term in an edit's loss")
+    other_questions_tolerance: float = option(0.05, kind=float, low=0.0,
+                                              help="early stop also needs the other questions' mean KL (nats) to be "
+                                                   "at most this")
     other_questions_skip: int = option(10, kind=int, low=0,
                                        help="the relation wordings most like the edit's own question (last prompt "
                                             "token at the edited layer) are never used as other questions: they may "

@@ -85,3 +85,33 @@ def test_batched_editing_refuses_other_questions_instead_of_ignoring_them(eval_m
     with pytest.raises(ValueError, match="other_questions"):
         editor.edit_many([(PROMPT, TARGET), ("The capital of Japan is", "Paris")], batch_size=2, progress=False)
     assert len(editor.layer.bank) == 0
+
+
+def test_the_questions_read_the_memory_as_a_query_will_and_the_edit_rows_as_they_train(eval_model, one_thread):
+    model, tok = eval_model
+    editor = make_editor(model, tok, other_questions=3, block_gain=2.0, train_input_scale=0.5)
+    request = EditRequest(PROMPT, TARGET, SUBJECT)
+    inputs = editing.encode_edit(editor, request)
+    others = editing.other_questions(editor, request, inputs)
+    n = others.batch.input_ids.shape[0]
+    assert others.n_edit_rows == inputs.batch.input_ids.shape[0] and n == others.n_edit_rows + 3
+    a = torch.ones(n, 2, 5)
+    read = editing.row_scales(editor.config, others, True, "cpu")(a)
+    assert read[: others.n_edit_rows].eq(0.5).all() and read[others.n_edit_rows:].eq(2.0).all()
+    assert editing.row_scales(editor.config, others, False, "cpu")(a)[others.n_edit_rows:].eq(1.0).all()
+    # The joint batch keeps each edit row's tokens (left padded) and ends each question with its prompt.
+    rows = editing.edit_rows(others.batch)
+    assert rows[: others.n_edit_rows] == editing.edit_rows(inputs.batch)
+    assert [tok.decode(p, skip_special_tokens=True).strip() for p, t in rows[others.n_edit_rows:]] == others.prompts
+    assert all(t == [] for _, t in rows[others.n_edit_rows:])
+
+
+def test_the_reference_loop_trains_other_questions_too(eval_model, one_thread):
+    model, tok = eval_model
+    cfg = MemoirConfig(n_iter=40, num_context_templates=0, threshold=0.0, memory="private", on_conflict="keep",
+                       lr=1.0, other_questions=2)
+    editor = MemoirEditor(model, tok, cfg, background_texts=BACKGROUND, full_forward=True)
+    request = EditRequest(PROMPT, TARGET, SUBJECT)
+    others = editing.other_questions(editor, request, editing.encode_edit(editor, request))
+    assert others.replay_output is None  # the whole model runs at every step
+    assert editor.edit(PROMPT, TARGET, subject=SUBJECT).converged
