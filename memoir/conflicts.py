@@ -18,7 +18,6 @@ import torch
 
 from memoir import ops
 from memoir.batching import build_batch
-from memoir.replay import keep_logits
 
 PLACEHOLDER = "this thing"
 
@@ -44,8 +43,8 @@ def relation_masks(editor, requests) -> torch.Tensor:
     batch = build_batch(editor.tokenizer, prompts, device=editor.device)
     with editor.layer.calls.overriding(eligible=None, pinned=None), editor.disabled(), \
             editor.layer.capturing() as seen:
-        editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                     **keep_logits(editor.model, 1))
+        editor.layer.run_until_input(editor.model, input_ids=batch.input_ids,
+                                                   attention_mask=batch.attention_mask, use_cache=False)
     acts = seen[0].reshape(*batch.input_ids.shape, -1)
     return editor.layer.query_masks(acts, batch.prompt_mask)[2]
 

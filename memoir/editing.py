@@ -67,8 +67,8 @@ def encode_edit(editor, request: EditRequest) -> EditInputs:
     with editor.disabled(), editor.layer.using_route(Route.unrouted(len(rows), editor.device)), \
             editor.layer.capturing() as seen, \
             capture_below(editor.target, enabled=not editor.full_forward) as replay_output:
-        editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                     **keep_logits(editor.model, 1))
+        editor.layer.run_until_input(editor.model, input_ids=batch.input_ids,
+                                                   attention_mask=batch.attention_mask, use_cache=False)
     acts = seen[0].reshape(*batch.input_ids.shape, -1)
     # The mask comes from row 0: the bare prompt, without a context template.
     cols, dense, packed = editor.layer.query_masks(acts[:1], batch.prompt_mask[:1])
@@ -442,8 +442,8 @@ def joint_batch(editor, inputs: list[EditInputs]) -> JointBatch:
     device = editor.device
     batch = pad_rows(rows, editor.tokenizer, device)
     with editor.disabled(), capture_below(editor.target, enabled=not editor.full_forward) as replay_output:
-        editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                     **keep_logits(editor.model, 1))
+        editor.layer.run_until_input(editor.model, input_ids=batch.input_ids,
+                                                   attention_mask=batch.attention_mask, use_cache=False)
     first = [owner.index(e) for e in range(len(inputs))]
     return JointBatch(batch, torch.tensor(owner, device=device), replay_output[0] if replay_output else None,
                       int(batch.target_mask.sum(dim=1).max()), torch.tensor(first, device=device))

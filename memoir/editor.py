@@ -20,7 +20,6 @@ from memoir.locks import ReadWriteLock
 from memoir.models import Target, locate_target, model_signature
 from memoir.preserve import KeyStore
 from memoir.private import PrivateBlocks
-from memoir.replay import keep_logits
 from memoir.route import CallLocal, Route
 from memoir.subject_router import SubjectKeys
 from memoir.routing import PromptRouting
@@ -168,8 +167,8 @@ class MemoirEditor(PromptRouting):
                 for i in range(0, len(texts), batch_size):
                     batch = build_batch(self.tokenizer, texts[i : i + batch_size], device=self.device)
                     seen.clear()
-                    self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                               **keep_logits(self.model, 1))
+                    self.layer.run_until_input(self.model, input_ids=batch.input_ids,
+                                                           attention_mask=batch.attention_mask, use_cache=False)
                     acts = seen[0].reshape(*batch.input_ids.shape, -1)
                     packed.append(self.layer.query_masks(acts, batch.prompt_mask)[2])
             self._background_masks = torch.cat(packed)
@@ -391,8 +390,8 @@ class MemoirEditor(PromptRouting):
             batch = build_batch(self.tokenizer, texts, device=self.device)
             with self.disabled(), self.layer.using_route(Route.unrouted(len(texts), self.device)), \
                     self.layer.capturing() as seen:
-                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                           **keep_logits(self.model, 1))
+                self.layer.run_until_input(self.model, input_ids=batch.input_ids,
+                                                       attention_mask=batch.attention_mask, use_cache=False)
             acts = seen[0].reshape(*batch.input_ids.shape, -1)
             self._relation_keys = (relation_templates(), editing.question_keys(self.layer, acts, batch.prompt_mask))
         return self._relation_keys
@@ -668,8 +667,9 @@ class MemoirEditor(PromptRouting):
             prompts = [prompts]
         batch = build_batch(self.tokenizer, prompts, device=self.device)
         with self.layer.calls.overriding(eligible=None, pinned=None), self.disabled(), self.layer.capturing() as seen:
-            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                       **keep_logits(self.model, 1))  # routing reads only the layer input
+            # Routing reads only the layer input: the layers above it and the head are skipped.
+            self.layer.run_until_input(self.model, input_ids=batch.input_ids,
+                                                   attention_mask=batch.attention_mask, use_cache=False)
             eligible = self.layer.calls.get("eligible")
         return self.layer.route(seen[0], batch.prompt_mask, eligible)
 

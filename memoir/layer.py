@@ -21,6 +21,10 @@ from memoir.state import Float32Buffers
 from memoir.tophash import masks_from_features, prompt_features
 
 
+class _InputSeen(Exception):
+    """Ends a :meth:`MemoirLayer.run_until_input` pass once the layer has seen its input."""
+
+
 class MemoirLayer(Float32Buffers):
     def __init__(
         self,
@@ -57,7 +61,7 @@ class MemoirLayer(Float32Buffers):
         # pass of a call (an edit's own mask, or one an inference stack passes), a callable that
         # reads the layer input, and a per-call off switch.
         self.calls = CallLocal(prefill=False, span=None, route=None, pinned=None, capture=None, disabled=False,
-                               eligible=None, scratch=False, augment=None, decoded=None)
+                               eligible=None, scratch=False, augment=None, decoded=None, stop=False)
         self.private = None  # PrivateBlocks under memory "private" (set by the editor)
         self.subject = None  # SubjectKeys under router "subject" (set by the editor)
         self.stop_after_target = False  # memory private: a block is read until its target is produced
@@ -156,6 +160,8 @@ class MemoirLayer(Float32Buffers):
         capture = call.get("capture")
         if capture is not None:
             capture(a)
+        if call.get("stop"):
+            raise _InputSeen
         if not self.enabled or call.get("disabled"):
             return self.base(a)
         route, decoded = call.get("pinned"), None
@@ -170,6 +176,20 @@ class MemoirLayer(Float32Buffers):
         if route is None:
             return self.base(a)
         return self.routed(a, route, scratch=call.get("scratch"), augment=call.get("augment"), decoded=decoded)
+
+    def run_until_input(self, model: nn.Module, **inputs) -> None:
+        """``model(**inputs)`` stopped as soon as this layer has seen (and captured) its input, in this
+        thread / task only: passes that read the layer input skip the layers above and the head."""
+        # set, not a scope: what the pass decides for this call (e.g. the subject router's verdict,
+        # set by the model's pre-hook) must outlive it
+        before = self.calls.get("stop")
+        self.calls.set(stop=True)
+        try:
+            model(**inputs)
+        except _InputSeen:
+            pass
+        finally:
+            self.calls.set(stop=before)
 
     @contextlib.contextmanager
     def training_passes(self, augment=None):

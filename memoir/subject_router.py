@@ -171,6 +171,7 @@ class SubjectKeys(GrowingBuffers):
         self.register_buffer("groups", torch.zeros((0,), dtype=torch.int64))
         self.register_buffer("mean", torch.zeros(dim))
         self._lead_cache = None  # (weak refs to the keys and groups it was built from, lead keys, sizes)
+        self._order_cache = None  # (weak ref to the bank ids it was built from, their version, order, sorted)
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -226,12 +227,21 @@ class SubjectKeys(GrowingBuffers):
         group_edit = torch.zeros(uniq.shape[0], dtype=torch.int64, device=dev).scatter_(0, inv, edit_ids)
         # Group -> bank row by a sorted lookup (edit ids are unique in the bank; O(G log N), no [G, N]
         # table); groups of edits no longer stored drop out.
-        ids = bank_ids.to(dev)
-        order = ids.argsort()
-        pos = torch.searchsorted(ids[order], group_edit).clamp_max(n - 1)
-        found = ids[order][pos] == group_edit
+        order, sorted_ids = self._sorted_bank(bank_ids.to(dev))
+        pos = torch.searchsorted(sorted_ids, group_edit).clamp_max(n - 1)
+        found = sorted_ids[pos] == group_edit
         rows = order[pos][found]
         return out.scatter_reduce(1, rows[None].expand(b, -1), per_group[:, found], "amax")
+
+    def _sorted_bank(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order, ids[order])`` of the bank's edit ids, sorted once per ids tensor: the bank replaces
+        the tensor when it changes, and an in-place change (its version counter) rebuilds too."""
+        cache = self._order_cache
+        if cache is None or cache[0]() is not ids or cache[1] != ids._version:
+            order = ids.argsort()
+            cache = (weakref.ref(ids), ids._version, order, ids[order])
+            self._order_cache = cache
+        return cache[2], cache[3]
 
     def _lead(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lead [G, d], sizes [G])``: the first key and the key count of every group (keys of a group

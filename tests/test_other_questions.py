@@ -115,3 +115,4 @@ def test_the_reference_loop_trains_other_questions_too(eval_model, one_thread):
     others = editing.other_questions(editor, request, editing.encode_edit(editor, request))
     assert others.replay_output is None  # the whole model runs at every step
     assert editor.edit(PROMPT, TARGET, subject=SUBJECT).converged
+

@@ -191,6 +191,25 @@ def test_subject_scores_match_a_per_edit_loop():
             assert abs(float(got[b, row]) - best) < 1e-5, (b, row, got[b, row], best)
 
 
+def test_scores_follow_the_bank_when_its_ids_change():
+    """The sorted bank ids are cached per ids tensor; a new tensor or an in-place change re-sorts them."""
+    from memoir.subject_router import SubjectKeys
+
+    g = torch.Generator().manual_seed(1)
+    keys = SubjectKeys(8)
+    for edit_id in (4, 1, 6):
+        keys.add(edit_id, [torch.randn(2, 8, generator=g)])
+    states, own = torch.randn(2, 5, 8, generator=g), torch.ones(2, 5, dtype=torch.bool)
+    bank = torch.tensor([4, 1, 6])
+    first = keys.scores(states, own, bank)
+    swapped = torch.tensor([6, 4, 1])  # a new tensor: the same edits in other rows
+    torch.testing.assert_close(keys.scores(states, own, swapped), first[:, [2, 0, 1]])
+    swapped[0] = 9  # in place: edit 6 is gone, its row has no keys
+    got = keys.scores(states, own, swapped)
+    assert got[:, 0].eq(-1).all()
+    torch.testing.assert_close(got[:, 1:], first[:, [0, 1]])
+
+
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["prefilter-float32", "prefilter-bfloat16"])
 def prefilter(request, monkeypatch):
     """Both precisions of the floor's prefilter, whichever this machine would pick."""
