@@ -31,6 +31,10 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT_DIR/card.txt"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: $PY's torch sees no CUDA GPU; these checks need one" >&2
+    exit 2
+fi
 step install 420 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 step tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_triton_kernels.py
 step tests_other_cuda 240 "$PY" -m pytest -q -p no:cacheprovider tests -k "cuda and not test_ops_cuda"
