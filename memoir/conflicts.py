@@ -41,12 +41,7 @@ def relation_masks(editor, requests) -> torch.Tensor:
     """Packed TopHash masks ``[n, W]`` of the requests' relation prompts (frozen model)."""
     prompts = [relation_prompt(r.prompt, r.subject) for r in requests]
     batch = build_batch(editor.tokenizer, prompts, device=editor.device)
-    with editor.layer.calls.overriding(eligible=None, pinned=None), editor.disabled(), \
-            editor.layer.capturing() as seen:
-        editor.layer.run_until_input(editor.model, input_ids=batch.input_ids,
-                                                   attention_mask=batch.attention_mask, use_cache=False)
-    acts = seen[0].reshape(*batch.input_ids.shape, -1)
-    return editor.layer.query_masks(acts, batch.prompt_mask)[2]
+    return editor.layer.query_masks(editor.layer_inputs(batch), batch.prompt_mask)[2]
 
 
 @torch.no_grad()

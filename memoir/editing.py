@@ -63,20 +63,15 @@ def encode_edit(editor, request: EditRequest) -> EditInputs:
     cfg = editor.config
     rows = [tpl.format(request.prompt) for tpl in editor.context_templates()]
     batch = build_batch(editor.tokenizer, rows, request.target, device=editor.device)
-    # The unedited model, with a fixed (empty) route so that no routing runs for this pass.
-    with editor.disabled(), editor.layer.using_route(Route.unrouted(len(rows), editor.device)), \
-            editor.layer.capturing() as seen, \
-            capture_below(editor.target, enabled=not editor.full_forward) as replay_output:
-        editor.layer.run_until_input(editor.model, input_ids=batch.input_ids,
-                                                   attention_mask=batch.attention_mask, use_cache=False)
-    acts = seen[0].reshape(*batch.input_ids.shape, -1)
+    with capture_below(editor.target, enabled=not editor.full_forward) as replay_output:
+        acts = editor.layer_inputs(batch)  # the unedited model, no routing for this pass
     # The mask comes from row 0: the bare prompt, without a context template.
     cols, dense, packed = editor.layer.query_masks(acts[:1], batch.prompt_mask[:1])
     keys = None
     if (cfg.preserve_neighbours > 0 or cfg.preserve_energy > 0) and cfg.memory == "shared":
         positions = batch.target_mask[0, 1:].nonzero().squeeze(1)
         keys = acts[0, positions].float() * dense[0].to(acts.device, torch.float32)
-    question = question_keys(editor.layer, acts[:1], batch.prompt_mask[:1])[0]
+    question = question_keys(editor.layer, acts[:1], batch.prompt_mask[:1])[0] if cfg.other_questions > 0 else None
     return EditInputs(batch, cols[0], dense[0], packed[0], replay_output[0] if replay_output else None, keys,
                       question)
 
@@ -441,9 +436,8 @@ def joint_batch(editor, inputs: list[EditInputs]) -> JointBatch:
         owner.extend([e] * len(mine))
     device = editor.device
     batch = pad_rows(rows, editor.tokenizer, device)
-    with editor.disabled(), capture_below(editor.target, enabled=not editor.full_forward) as replay_output:
-        editor.layer.run_until_input(editor.model, input_ids=batch.input_ids,
-                                                   attention_mask=batch.attention_mask, use_cache=False)
+    with capture_below(editor.target, enabled=not editor.full_forward) as replay_output:
+        editor.layer_inputs(batch)
     first = [owner.index(e) for e in range(len(inputs))]
     return JointBatch(batch, torch.tensor(owner, device=device), replay_output[0] if replay_output else None,
                       int(batch.target_mask.sum(dim=1).max()), torch.tensor(first, device=device))

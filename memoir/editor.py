@@ -163,16 +163,21 @@ class MemoirEditor(PromptRouting):
         if self._background_masks is None:
             packed = []
             texts = self._background_texts
-            with self.disabled(), self.layer.capturing() as seen:
-                for i in range(0, len(texts), batch_size):
-                    batch = build_batch(self.tokenizer, texts[i : i + batch_size], device=self.device)
-                    seen.clear()
-                    self.layer.run_until_input(self.model, input_ids=batch.input_ids,
-                                                           attention_mask=batch.attention_mask, use_cache=False)
-                    acts = seen[0].reshape(*batch.input_ids.shape, -1)
-                    packed.append(self.layer.query_masks(acts, batch.prompt_mask)[2])
+            for i in range(0, len(texts), batch_size):
+                batch = build_batch(self.tokenizer, texts[i : i + batch_size], device=self.device)
+                packed.append(self.layer.query_masks(self.layer_inputs(batch), batch.prompt_mask)[2])
             self._background_masks = torch.cat(packed)
         return self._background_masks
+
+    @torch.no_grad()
+    def layer_inputs(self, batch) -> torch.Tensor:
+        """``[B, S, D]``: the edited layer's inputs for a batch, from the unedited model without
+        routing; the pass stops at the layer (nothing above it or the head runs)."""
+        with self.disabled(), self.layer.using_route(Route.unrouted(batch.input_ids.shape[0], self.device)), \
+                self.layer.capturing() as seen:
+            self.layer.run_until_input(self.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                       use_cache=False)
+        return seen[0].reshape(*batch.input_ids.shape, -1)
 
     def calibrate_threshold(self) -> float:
         """Under ``threshold_mode: auto`` set tau just above the best overlap any background text reaches.
@@ -386,14 +391,9 @@ class MemoirEditor(PromptRouting):
         the question key of each (:func:`memoir.editing.question_keys`, read with a neutral subject),
         computed once; ``other_questions`` picks from them."""
         if self._relation_keys is None:
-            texts = relation_texts()
-            batch = build_batch(self.tokenizer, texts, device=self.device)
-            with self.disabled(), self.layer.using_route(Route.unrouted(len(texts), self.device)), \
-                    self.layer.capturing() as seen:
-                self.layer.run_until_input(self.model, input_ids=batch.input_ids,
-                                                       attention_mask=batch.attention_mask, use_cache=False)
-            acts = seen[0].reshape(*batch.input_ids.shape, -1)
-            self._relation_keys = (relation_templates(), editing.question_keys(self.layer, acts, batch.prompt_mask))
+            batch = build_batch(self.tokenizer, relation_texts(), device=self.device)
+            keys = editing.question_keys(self.layer, self.layer_inputs(batch), batch.prompt_mask)
+            self._relation_keys = (relation_templates(), keys)
         return self._relation_keys
 
     # ------------------------------------------------------------------ enable / disable
@@ -668,8 +668,8 @@ class MemoirEditor(PromptRouting):
         batch = build_batch(self.tokenizer, prompts, device=self.device)
         with self.layer.calls.overriding(eligible=None, pinned=None), self.disabled(), self.layer.capturing() as seen:
             # Routing reads only the layer input: the layers above it and the head are skipped.
-            self.layer.run_until_input(self.model, input_ids=batch.input_ids,
-                                                   attention_mask=batch.attention_mask, use_cache=False)
+            self.layer.run_until_input(self.model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                       use_cache=False)
             eligible = self.layer.calls.get("eligible")
         return self.layer.route(seen[0], batch.prompt_mask, eligible)
 
